@@ -50,6 +50,13 @@ class Node:
         module: dotted path of the module owning the parameter (or producing the op), if known.
         is_cls_w: this is the classifier's weight (the reference's "second last" flag).
         is_cls_b: this is the classifier's bias (the reference's "last" flag).
+        cell: cell index (DeepNets-1M networks have several; 0 for other models). A GHN looks
+            parameters up per cell.
+        lookup: the name under which a GHN looks this node's parameter up among the model's
+            modules (the node name with DeepNets-1M normalisations: prefix before ``stem`` /
+            ``pos_enc`` dropped, ``_ops.<i>.<j>`` -> ``_ops.<i>.op.<j>``); for pooling nodes the
+            primitive name; None for nodes a GHN does not map to parameters or shapes (input,
+            sum, concat, glob_avg, msa, cse).
     """
 
     name: str
@@ -59,6 +66,8 @@ class Node:
     module: str | None = None
     is_cls_w: bool = False
     is_cls_b: bool = False
+    cell: int = 0
+    lookup: str | None = None
 
     @property
     def op_index(self) -> int:
@@ -104,3 +113,55 @@ class ComputationGraph:
         """Real edges (value 1) as rows ``(source, target)`` in row-major order."""
         src, dst = np.nonzero(self.adj == 1)
         return np.stack([src, dst], axis=1).astype(np.int64)
+
+    # Views (implemented in ghnviz.graph.export) ------------------------------------------------
+
+    def signature(self) -> str:
+        """Hash of the architecture as a GHN sees it (op types, shapes, classifier flags, real
+        edges, ve_cutoff); names are not part of it. Cheap enough for a cache key."""
+        from .export import signature
+
+        return signature(self)
+
+    def summary(self) -> dict:
+        """Node counts per op type, edges, parameters covered, depth, signature."""
+        from .export import summary
+
+        return summary(self)
+
+    def to_frame(self):
+        """``pandas.DataFrame`` with one row per node."""
+        from .export import to_frame
+
+        return to_frame(self)
+
+    def to_networkx(self, virtual: bool = False):
+        """``networkx.DiGraph``; edge attributes ``length`` and ``virtual`` (virtual edges only if asked)."""
+        from .export import to_networkx
+
+        return to_networkx(self, virtual=virtual)
+
+    def to_dict(self, virtual: bool = True) -> dict:
+        """Plain data (nodes, ``[source, target, length]`` edges, meta) for JSON and caches."""
+        from .export import to_dict
+
+        return to_dict(self, virtual=virtual)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ComputationGraph:
+        """Inverse of :meth:`to_dict`."""
+        from .export import from_dict
+
+        return from_dict(data)
+
+    def to_json(self, virtual: bool = False, indent: int | None = None) -> str:
+        """JSON text (real edges only unless ``virtual``)."""
+        from .export import to_json
+
+        return to_json(self, virtual=virtual, indent=indent)
+
+    def to_dot(self, virtual: bool = False) -> str:
+        """Graphviz DOT text."""
+        from .export import to_dot
+
+        return to_dot(self, virtual=virtual)
