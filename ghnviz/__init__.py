@@ -25,6 +25,9 @@ _EXPORTS: dict[str, str] = {
     'postprocess': 'ghnviz.postprocess',
     'weight_stats': 'ghnviz.stats',
     'compare_stats': 'ghnviz.stats',
+    'model_summary_stats': 'ghnviz.stats',
+    'load_dataset': 'ghnviz.data',
+    'get_loaders': 'ghnviz.data',
     'finetune': 'ghnviz.finetune',
     'distribution_shift': 'ghnviz.embed',
 }
