@@ -22,10 +22,15 @@ ensure_venv() {
   fi
 }
 
-ensure_chromium() {
-  # The browser test drives Debian's Chromium; install it when we can (root + apt).
-  if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+ensure_system_packages() {
+  # Debian packages the tests use: Chromium (browser test) and the Fashion-MNIST files.
+  # Installed when missing and we can (root + apt); otherwise those tests say what is absent.
+  local missing=()
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  [ -d /usr/share/datasets/fashion-mnist ] || missing+=(dataset-fashion-mnist)
+  if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
 }
 
@@ -37,7 +42,7 @@ case "${1:-}" in
     ;;
   test)
     ensure_venv
-    ensure_chromium
+    ensure_system_packages
     shift
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
