@@ -4,7 +4,7 @@
 #   bash run.sh test    # install (first time) and run the whole test suite
 # The virtual environment lives in .venv (override with GHNVIZ_VENV); it is (re)installed
 # whenever requirements.txt changes.
-set -euo pipefail
+set -eo pipefail
 cd "$(dirname "$0")"
 VENV=${GHNVIZ_VENV:-.venv}
 PY=${PYTHON:-python3}
@@ -16,8 +16,10 @@ ensure_venv() {
   local stamp="$VENV/.ghnviz-installed"
   if [ ! -f "$stamp" ] || ! cmp -s requirements.txt "$stamp"; then
     "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    "$VENV/bin/python" -m pip install -q -r requirements.txt
-    "$VENV/bin/python" -m pip install -q --no-deps -e .
+    echo "installing ghnviz and its dependencies into $VENV (first run only; a few minutes)" >&2
+    # the local wheel mirrors print a warning per package they do not hold: keep the output readable
+    "$VENV/bin/python" -m pip install -q -r requirements.txt 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+    "$VENV/bin/python" -m pip install -q --no-deps -e . 2>&1 | { grep -v 'is ignored: it is neither' || true; }
     cp requirements.txt "$stamp"
   fi
 }
