@@ -7,6 +7,8 @@ that ``import ghnviz`` stays cheap (no torch import until a function needs it).
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = '0.1.0'
 
@@ -33,6 +35,23 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = sorted(_EXPORTS) + ['__version__']
+
+
+class _Package(types.ModuleType):
+    """Keeps exported functions that share a submodule's name (``postprocess``, ``finetune``).
+
+    Importing ``ghnviz.postprocess`` makes Python set the package attribute ``postprocess`` to the
+    submodule, which would hide the function ``ghnviz.postprocess``. Such assignments are dropped
+    here; the submodule stays reachable as ``sys.modules['ghnviz.postprocess']``.
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):
