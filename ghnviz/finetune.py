@@ -19,7 +19,8 @@ The loop (one "step" is one optimiser update on one batch):
   ``lr``; every ``eval_every`` steps (and at the start and the end) ``test/acc`` (top-1, %) and
   ``test/loss`` on the test split (a class-balanced subset of ``eval_limit`` images). The store's
   cancel flag is checked every step.
-- **Randomness**: model init, augmentation and batch order derive from ``seed``; the global torch
+- **Randomness**: model init, augmentation and batch order derive from ``seed``, the training and
+  test subsets from ``data_seed`` (``seed`` when unset); the global torch
   RNG is forked for the duration of the run, so the caller's RNG state is left untouched.
 """
 
@@ -98,6 +99,7 @@ class FinetuneConfig:
     eval_batch_size: int = 256  # evaluation batch (no gradients, so larger)
     bn_recalibrate: int = 0  # training batches to re-estimate BN statistics before each eval (0: off)
     seed: int = 0  # model init, post-processing noise, subset, augmentation and batch order
+    data_seed: int | None = None  # seed of the training / test subset choice; None: seed
     device: str = 'auto'  # 'auto': cuda when available, else cpu
     threads: int | None = None  # torch CPU threads for the run; None: leave torch's setting
 
@@ -273,9 +275,11 @@ class _Data:
         train = data.load_dataset(cfg.dataset, cfg.data_path, 'train')
         test = data.load_dataset(cfg.dataset, cfg.data_path, 'test')
         self.num_classes = train.num_classes
-        self.train = train if cfg.shots is None else data.n_shot_subset(train, cfg.shots, seed=cfg.seed)
+        subset_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
+        self.train = train if cfg.shots is None else data.n_shot_subset(train, cfg.shots, seed=subset_seed)
         if cfg.eval_limit is not None and cfg.eval_limit < len(test):
-            test = data.n_shot_subset(test, max(1, cfg.eval_limit // test.num_classes), seed=cfg.seed + 1)
+            per_class = max(1, cfg.eval_limit // test.num_classes)
+            test = data.n_shot_subset(test, per_class, seed=subset_seed + 1)
         self.test = test
 
     def _loader(self, dataset, batch_size: int, train: bool, seed: int = 0):
