@@ -16,6 +16,7 @@ Adding an architecture:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import threading
@@ -32,6 +33,7 @@ import torch.nn as nn
 from ghnviz.graph.core import PRIMITIVES, ComputationGraph
 from ghnviz.hyper.config import GHNConfig
 from ghnviz.hyper.decoder import ConvDecoder
+from ghnviz.hyper.extras import FillConfig, fill_missing
 from ghnviz.hyper.layers import MLP, ShapeEncoder
 from ghnviz.hyper.predict import (
     LRU,
@@ -48,6 +50,9 @@ from ghnviz.hyper.predict import (
 )
 
 log = logging.getLogger(__name__)
+
+# ``predict(autocast=...)`` names -> dtype of the GHN forward (decoders always run in float32).
+AUTOCAST_DTYPES: dict[str, torch.dtype] = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 # Architecture name -> module that registers it (imported on first lookup).
 BUILTIN_MODULES: dict[str, str] = {'ghn2': 'ghnviz.hyper.ghn2', 'ghn3': 'ghnviz.hyper.ghn3'}
@@ -274,6 +279,9 @@ class GHN(nn.Module):
         graph: ComputationGraph | Sequence[ComputationGraph] | None = None,
         keep_grads: bool = False,
         generator: torch.Generator | None = None,
+        complete: bool = False,
+        fill: FillConfig | None = None,
+        autocast: str | torch.dtype | None = None,
     ) -> Prediction | list[Prediction]:
         """Predict the parameters of one model (or a list, in one batched forward) and write them in place.
 
@@ -288,6 +296,13 @@ class GHN(nn.Module):
                 the existing parameters without gradients.
             generator: random generator for the one random value GHNs add (a vision transformer's class
                 token row); None uses torch's default generator, as the original code does.
+            complete: also give a value to the tensors the graph has no node for (layer scales, relative
+                position bias tables, class tokens, ...) by the rules of :mod:`ghnviz.hyper.extras`; they
+                are listed in ``Prediction.filled``, not in ``predicted``. Tensors no rule covers stay in
+                ``skipped``. False (the default) predicts exactly what the original GHN code predicts.
+            fill: settings of those rules (implies ``complete=True``); default :class:`FillConfig`.
+            autocast: ``'bf16'``, ``'fp16'`` (or a dtype): run the GHN's graph network under
+                ``torch.autocast`` on its device; the decoders always run in float32. None: float32.
 
         Returns:
             A :class:`Prediction` (a list of them for a list of models).
@@ -302,16 +317,37 @@ class GHN(nn.Module):
         if len(graphs) != len(models):
             raise ValueError(f'got {len(graphs)} graphs for {len(models)} models')
         t1 = time.perf_counter()
-        with torch.set_grad_enabled(keep_grads and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(keep_grads and torch.is_grad_enabled()), self._autocast(autocast):
             batch = self.make_batch(graphs, models)
             results = self._write(batch, models, predict_class_layers, keep_grads, generator)
         t2 = time.perf_counter()
-        seconds = {'graph': t1 - t0, 'predict': t2 - t1, 'total': t2 - t0}
+        filled: list[dict[str, str]] = [{} for _ in models]
+        complete = complete or fill is not None
+        if complete:
+            for gi, (model, (_, skip)) in enumerate(zip(models, results)):
+                no_node = [n for n in skip if n in batch.plans[gi].unmatched]
+                filled[gi] = fill_missing(model, no_node, fill)
+                for n in filled[gi]:
+                    skip.pop(n)
+        t3 = time.perf_counter()
+        seconds = {'graph': t1 - t0, 'predict': t2 - t1, 'total': t3 - t0}
+        if complete:
+            seconds['fill'] = t3 - t2
         out = [
-            Prediction(model=m, predicted=pred, skipped=skip, seconds=dict(seconds), graph=g)
-            for m, g, (pred, skip) in zip(models, graphs, results)
+            Prediction(model=m, predicted=pred, skipped=skip, seconds=dict(seconds), graph=g, filled=f)
+            for m, g, (pred, skip), f in zip(models, graphs, results, filled)
         ]
         return out[0] if single else out
+
+    def _autocast(self, autocast: str | torch.dtype | None) -> contextlib.AbstractContextManager:
+        if autocast is None:
+            return contextlib.nullcontext()
+        dtype = AUTOCAST_DTYPES.get(autocast) if isinstance(autocast, str) else autocast
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(
+                f'autocast={autocast!r}: expected None, a torch dtype or one of {sorted(AUTOCAST_DTYPES)}'
+            )
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def predict_differentiable(
         self,
@@ -361,7 +397,8 @@ class GHN(nn.Module):
                     for name, *_ in t.writes:
                         skipped[gi][name] = 'classifier layer, not predicted (predict_class_layers=False)'
                 continue
-            w = self._decode(key, x.index_select(0, idx))
+            with torch.autocast(x.device.type, enabled=False):  # decoders run in float32
+                w = self._decode(key, x.index_select(0, idx).float())
             for j, (gi, t) in enumerate(members):
                 model = models[gi]
                 for name, shape, row, is_w in t.writes:

@@ -37,10 +37,14 @@ class Prediction:
     Attributes:
         model: the model, with predicted tensors written in place.
         predicted: names of the parameters that received predicted values (``named_parameters`` names).
-        skipped: every other parameter of the model, mapped to the reason it was not predicted.
+        skipped: every parameter neither predicted nor filled, mapped to the reason it was not predicted.
         seconds: wall times: ``graph`` (building or fetching the graph), ``predict`` (GHN forward and
-            writing), ``total``. In a batched call the times are those of the whole batch.
+            writing), ``total`` and, with ``complete=True``, ``fill`` (part of ``total``). In a batched
+            call the times are those of the whole batch.
         graph: the computation graph used.
+        filled: parameters without a graph node that got a value by a rule (``predict(complete=True)``,
+            see :mod:`ghnviz.hyper.extras`), mapped to the rule's label; empty otherwise. They are not in
+            ``predicted``.
     """
 
     model: nn.Module
@@ -48,6 +52,28 @@ class Prediction:
     skipped: dict[str, str]
     seconds: dict[str, float]
     graph: ComputationGraph | None = None
+    filled: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        """Every parameter of the model was predicted or filled."""
+        return not self.skipped
+
+    def counts(self) -> dict[str, int]:
+        """Tensors and scalar parameters: ``tensors_{predicted,filled,skipped,total}`` and
+        ``params_{predicted,filled,skipped,total}``."""
+        numel = {n: p.numel() for n, p in self.model.named_parameters()}
+        out = {}
+        for kind, names in (
+            ('predicted', self.predicted),
+            ('filled', self.filled),
+            ('skipped', self.skipped),
+        ):
+            out[f'tensors_{kind}'] = sum(1 for n in names if n in numel)
+            out[f'params_{kind}'] = sum(numel.get(n, 0) for n in names)
+        out['tensors_total'] = len(numel)
+        out['params_total'] = sum(numel.values())
+        return out
 
 
 @dataclass
@@ -209,8 +235,10 @@ def crop_block(
     elif len(t) == 3:
         if len(s) > 3:  # position embedding
             w = w.reshape(s[0], s[1], -1).transpose(1, 2)[: t[0], : t[1], : t[2]]  # (1, tokens, dim)
-            token = torch.normal(0.0, 0.02, size=(1, 1, w.shape[2]), generator=generator, device=w.device)
-            w = torch.cat((token.to(w.dtype), w), dim=1)
+            # drawn on the generator's device (a CPU generator then serves a GHN on any device)
+            dev = generator.device if generator is not None else w.device
+            token = torch.normal(0.0, 0.02, size=(1, 1, w.shape[2]), generator=generator, device=dev)
+            w = torch.cat((token.to(w.device, w.dtype), w), dim=1)
         else:
             w = w[: t[0], : t[1], : t[2]]
     elif w.dim() > 2:
