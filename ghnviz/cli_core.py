@@ -15,6 +15,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument('--out', default=None, help='write the predicted parameters to this .safetensors file')
     p.add_argument('--no-class-layers', action='store_true', help='keep the default init of the classifier')
     p.add_argument('--device', default=None, help="'cpu' or 'cuda' (default: cuda when available)")
+    p.add_argument(
+        '--reference-only',
+        action='store_true',
+        help='set only what the reference GHN code predicts; by default tensors it leaves out '
+        '(layer scales, position tables, tokens) are filled by labelled rules (see ghnviz.hyper.extras)',
+    )
     p.set_defaults(func=_predict)
 
     g = sub.add_parser('graph', help="print a model's computation graph as JSON or Graphviz dot")
@@ -42,7 +48,7 @@ def _predict(args: argparse.Namespace) -> int:
     ghn = ghnviz.load_ghn(args.ghn, device=args.device)
     num_classes = args.num_classes or _ghn_classes(ghn) or 1000
     model = ghnviz.create_model(args.model, num_classes=num_classes)
-    pred = ghn.predict(model, predict_class_layers=not args.no_class_layers)
+    pred = ghn.predict(model, predict_class_layers=not args.no_class_layers, complete=not args.reference_only)
     n_total = sum(p.numel() for p in model.parameters())
     named = dict(model.named_parameters())
     n_pred = sum(named[n].numel() for n in pred.predicted if n in named)
@@ -50,8 +56,10 @@ def _predict(args: argparse.Namespace) -> int:
         ('model', f'{args.model} ({num_classes} classes)'),
         ('ghn', str(args.ghn)),
         ('predicted', f'{len(pred.predicted)} tensors, {n_pred:,} of {n_total:,} parameters'),
+        ('filled', f'{len(pred.filled)} tensors (rule-based, not predicted by the GHN)'),
         ('skipped', f'{len(pred.skipped)} tensors'),
     ]
+    rows += [(f'  {name}', rule) for name, rule in pred.filled.items()]
     rows += [(f'  {name}', reason) for name, reason in pred.skipped.items()]
     rows += [(f'seconds ({k})', f'{v:.4f}') for k, v in pred.seconds.items()]
     if args.out:
