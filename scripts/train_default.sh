@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Trains the GHN shipped as assets/ghn_default.safetensors (GHN-2, hid 32, CIFAR-10), on CPU.
+#
+# Architectures: the first 1,500 of the train split at their sampled depth, C capped at 32 (built once
+# and cached per process).
+#
+# History of the shipped run: started with --steps 1000; at step 206 (its checkpoint) it was resumed
+# with --steps 750 to fit the time available, so the cosine schedule was recomputed from there on.
+#
+# Run it again to resume: it continues from the last checkpoint in $OUT (step count, optimizer,
+# schedule, random streams). Checkpoints are written every 3 minutes. Two processes with one thread
+# each (torchrun + DDP over gloo) share the 8 architectures of every step.
+#
+#   DATA=path/to/cifar10-jpeg.tar.xz OUT=runs/ghn_default scripts/train_default.sh
+#   nohup scripts/train_default.sh > runs/ghn_default.log 2>&1 &
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data/cifar10-jpeg.tar.xz}
+OUT=${OUT:-runs/ghn_default}
+PYTHON=${PYTHON:-.venv/bin/python}
+NPROC=${NPROC:-2}
+export OMP_NUM_THREADS=1
+
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m ghnviz train \
+  --data-path "$DATA" --out-dir "$OUT" --resume --no-progress \
+  --arch ghn2 --hid 32 --max-shape 64,64,11,11 \
+  --meta-batch $((8 / NPROC)) --batch-size 32 --max-width 32 --max-nodes $((2200 / NPROC)) \
+  --arch-pool 1500 --cache-size 1500 --no-resample-width \
+  --amp bf16 --channels-last --threads 1 \
+  --optimizer adam --lr 1e-3 --weight-decay 1e-5 --scheduler cosine --warmup-steps 50 --warmup-lr 1e-4 \
+  --steps 750 --save-every-s 180 --log-every 25 --seed 0
