@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 
 import networkx as nx
@@ -239,6 +240,48 @@ def test_cyclic_graph():
     ]
     assert g.summary()['depth'] == 3  # conv weight+bias (one component) -> mean -> fc.weight -> fc.bias
     assert len(g.to_frame()) == 6 and not nx.is_directed_acyclic_graph(g.to_networkx())
+
+
+def _capped_paths(A, src, dst, limit=2):
+    G = nx.DiGraph([(int(i), int(j)) for i, j in zip(*np.nonzero(A))])
+    if src not in G or dst not in G:
+        return 0
+    return len(list(itertools.islice(nx.all_simple_paths(G, src, dst), limit)))
+
+
+def test_path_count_exact_on_random_graphs():
+    from ghnviz.graph.passes import _count_paths
+
+    rng = np.random.default_rng(0)
+    cyclic = 0
+    for _ in range(300):
+        n = int(rng.integers(3, 9))
+        A = rng.random((n, n)) < 0.3
+        np.fill_diagonal(A, False)
+        cyclic += not nx.is_directed_acyclic_graph(nx.DiGraph(A))
+        src, dst = (int(v) for v in rng.choice(n, 2, replace=False))
+        for limit in (1, 2, 3):
+            assert _count_paths(A, src, dst, limit) == _capped_paths(A, src, dst, limit)
+    assert cyclic > 50  # both kinds of graph were exercised
+
+
+def test_path_count_dead_end_cycles_stay_fast():
+    # src -> gate -> dst, and the gate also feeds 18 nodes that all point at each other and back at the
+    # gate: every walk into the clique is a dead end (the gate is already on the path). Plain search
+    # would enumerate all simple paths of the clique; the guarded search answers at once.
+    from ghnviz.graph.passes import _count_paths
+
+    n = 21
+    src, gate, dst, clique = 0, 1, 2, range(3, 21)
+    A = np.zeros((n, n), dtype=bool)
+    A[src, gate] = A[gate, dst] = True
+    for i in clique:
+        A[gate, i] = A[i, gate] = True
+        for j in clique:
+            A[i, j] = i != j
+    assert _count_paths(A, src, dst) == 1
+    A[src, 3] = True  # a second way in: src -> 3 -> gate -> dst
+    assert _count_paths(A, src, dst) == 2
 
 
 def test_bad_input():

@@ -220,34 +220,65 @@ def fix_weight_edges(order: list[int], A: np.ndarray, names: list[str], modules:
                     A[i, moved] = True
 
 
-def _count_paths(A: np.ndarray, src: int, dst: int, limit: int = 2) -> int:
-    """Number of simple directed paths from ``src`` to ``dst`` in ``A``, counted up to ``limit``."""
-    # only nodes that can reach dst can lie on such a path
-    can_reach = np.zeros(len(A), dtype=bool)
-    can_reach[dst] = True
+def _reaching(A: np.ndarray, dst: int, allowed: np.ndarray) -> np.ndarray:
+    """Mask of the ``allowed`` nodes that reach ``dst`` through ``allowed`` nodes (``dst`` included)."""
+    reach = np.zeros(len(A), dtype=bool)
+    reach[dst] = True
     frontier = [dst]
     while frontier:
-        prev = np.flatnonzero(A[:, frontier].any(axis=1) & ~can_reach)
-        can_reach[prev] = True
+        prev = np.flatnonzero(A[:, frontier].any(axis=1) & allowed & ~reach)
+        reach[prev] = True
         frontier = list(prev)
+    return reach
+
+
+def _has_cycle(A: np.ndarray, nodes: np.ndarray) -> bool:
+    """Whether the subgraph of ``A`` induced by the index array ``nodes`` has a directed cycle (Kahn)."""
+    sub = A[np.ix_(nodes, nodes)]
+    indeg = sub.sum(axis=0).astype(np.int64)
+    ready = list(np.flatnonzero(indeg == 0))
+    seen = 0
+    while ready:
+        v = ready.pop()
+        seen += 1
+        succ = np.flatnonzero(sub[v])
+        indeg[succ] -= 1
+        ready.extend(succ[indeg[succ] == 0])
+    return seen < len(nodes)
+
+
+def _count_paths(A: np.ndarray, src: int, dst: int, limit: int = 2) -> int:
+    """Number of simple directed paths from ``src`` to ``dst`` in ``A``, counted up to ``limit``.
+
+    Depth-first search over the nodes that reach ``dst``. In an acyclic graph every such branch ends at
+    ``dst``, so at most ``limit`` paths are walked. Graphs with cycles (modules shared between parallel
+    branches, as in CoaT) can send a search down exponentially many dead ends; there a branch is taken
+    only if it still reaches ``dst`` without the nodes already on the path, which keeps the search
+    polynomial and the count exact.
+    """
+    can_reach = _reaching(A, dst, np.ones(len(A), dtype=bool))
     if not can_reach[src]:
         return 0
+    guarded = _has_cycle(A, np.flatnonzero(can_reach))
     count = 0
-    on_path = {src}
+    on_path = np.zeros(len(A), dtype=bool)
+    on_path[src] = True
     stack = [(src, iter(np.flatnonzero(A[src] & can_reach)))]
     while stack:
         v, it = stack[-1]
         w = next(it, None)
         if w is None:
             stack.pop()
-            on_path.discard(v)
+            on_path[v] = False
             continue
         if w == dst:
             count += 1
             if count >= limit:
                 return count
-        elif w not in on_path:
-            on_path.add(w)
+        elif not on_path[w]:
+            if guarded and not _reaching(A, dst, ~on_path)[w]:
+                continue
+            on_path[w] = True
             stack.append((w, iter(np.flatnonzero(A[w] & can_reach))))
     return count
 
