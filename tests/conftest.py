@@ -33,3 +33,17 @@ def _expected() -> dict:
 @pytest.fixture(scope='session')
 def expected() -> dict:
     return _expected()
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """One torch thread for a module's tests (small models on a shared CPU run faster without a pool).
+
+    Use with ``pytestmark = pytest.mark.usefixtures('one_thread')``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

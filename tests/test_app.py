@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import ROOT, shared_file
 
 pytest.importorskip('streamlit')
@@ -24,13 +23,7 @@ from ghnviz.ui.state import MODEL_KEY, ModelSpec  # noqa: E402
 TIMEOUT = 180  # seconds per script run (a cold graph trace or prediction on a busy CPU)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Small models on a shared CPU: one thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture

@@ -17,12 +17,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 AUTOCAST_TOL = {'bf16': 2e-2, 'fp16': 5e-3}
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

@@ -25,12 +25,7 @@ DARTS = 'deepnets1m:DARTS'
 VARIANTS = {'ghn2_cifar10/ghn3': 10, 'ghn3_tiny/ghn3': 1000}
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _make(name: str, num_classes: int) -> nn.Module:

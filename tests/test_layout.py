@@ -6,7 +6,6 @@ import io
 
 import numpy as np
 import pytest
-import torch
 
 import ghnviz
 from ghnviz.graph.layout import (
@@ -21,13 +20,7 @@ from ghnviz.graph.layout import (
     render_png,
 )
 
-
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

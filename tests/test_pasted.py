@@ -6,7 +6,6 @@ import json
 import time
 
 import pytest
-import torch
 
 from ghnviz.graph.build import build_graph
 from ghnviz.zoo.pasted import (
@@ -49,12 +48,7 @@ class Tiny(nn.Module):
 FAST = PastedLimits(timeout_s=60, cpu_s=60)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

@@ -11,14 +11,7 @@ from torch import nn
 
 from ghnviz.postprocess import PRESETS, corr_std, orthogonalize, postprocess, weight_to_tall
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the test machine's cores are shared, and OpenMP waits badly under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _small_net() -> nn.Module:

@@ -21,14 +21,7 @@ from ghnviz.stats import (
     weight_stats,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the test machine's cores are shared, and OpenMP waits badly under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _linear(weight: list[list[float]]) -> nn.Linear:

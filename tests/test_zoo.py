@@ -22,14 +22,7 @@ from ghnviz.zoo.deepnets1m.space import (
 )
 from ghnviz.zoo.deepnets1m.structure import count_params
 
-
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny networks run faster on one thread than on an oversubscribed pool."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 DARTS_CASES = {
