@@ -14,7 +14,7 @@ from dataclasses import fields
 
 # FinetuneConfig field -> (flag, type, help); the defaults come from FinetuneConfig itself
 _FINETUNE_FLAGS: dict[str, tuple[str, type, str]] = {
-    'model': ('--model', str, 'ghnviz zoo / torchvision model name'),
+    'model': ('--model', str, 'ghnviz zoo / torchvision model name (with --model-file: a class name)'),
     'num_classes': ('--num-classes', int, "classes of the model (default: the dataset's)"),
     'init': ('--init', str, 'initialisation: default, ghn, ghn+orth, ghn+orth+noise'),
     'ghn': ('--ghn', str, 'GHN file or name for the ghn* inits'),
@@ -61,6 +61,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         f.add_argument(
             flag, dest=name, type=typ, default=default, choices=choices.get(name), help=text + shown
         )
+    f.add_argument(
+        '--model-file',
+        default=None,
+        help='Python file defining the model class named by --model (runs that code; not adapted)',
+    )
     f.add_argument('--no-augment', dest='augment', action='store_false', help='no crop/flip augmentation')
     f.add_argument('--name', default=None, help='run name')
     _add_db(f)
@@ -112,6 +117,14 @@ def _finetune(args: argparse.Namespace) -> int:
     for name in ('shots', 'eval_limit'):  # 0 means "all" on the command line
         if values[name] == 0:
             values[name] = None
+    if args.model_file:
+        from pathlib import Path
+
+        try:
+            values['model_code'] = Path(args.model_file).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            print(f'error: cannot read --model-file {args.model_file}: {e}', file=sys.stderr)
+            return 2
     config = FinetuneConfig(**values, augment=args.augment)
     if args.background:
         from ghnviz.runner import launch

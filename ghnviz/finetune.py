@@ -70,7 +70,8 @@ OPTIMIZERS: dict[str, tuple[str, Callable[[FinetuneConfig], dict[str, Any]]]] = 
 class FinetuneConfig:
     """Everything a fine-tuning run needs; stored as the run's config (``asdict``)."""
 
-    model: str = 'resnet18'  # a ghnviz zoo / torchvision model name
+    model: str = 'resnet18'  # a ghnviz zoo / torchvision model name; with model_code, its class name
+    model_code: str | None = None  # Python source defining the class ``model`` (pasted code); None: zoo
     num_classes: int | None = None  # None: the dataset's number of classes
     init: str = 'default'  # one of INITS
     ghn: str = 'default'  # GHN file or name, for the ghn* inits
@@ -160,14 +161,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def build_model(name: str, num_classes: int, image_size: int) -> nn.Module:
+def build_model(name: str, num_classes: int, image_size: int, code: str | None = None) -> nn.Module:
     """A freshly initialised classifier (:func:`ghnviz.create_model`) for ``image_size`` inputs.
 
     With ``image_size <= 32``, torchvision models get :func:`~ghnviz.zoo.adapt.adapt_to_small_images`
     and DeepNets-1M networks are built with their CIFAR stem (``is_imagenet_input=False``).
+
+    With ``code`` (pasted Python source), ``name`` is a class defined there; it is built with
+    ``num_classes`` when its constructor takes that argument, is not adapted, and must map a batch of
+    3 x ``image_size`` x ``image_size`` images to ``num_classes`` logits (checked on two blank images).
+    Pasted code runs in this process: it is refused when ``GHNVIZ_ALLOW_CODE=0``.
     """
     from ghnviz.zoo.factory import DEEPNETS_PREFIX, create_model
 
+    if code is not None:
+        return _build_pasted(name, code, num_classes, image_size)
     small = image_size <= 32
     if name.startswith(DEEPNETS_PREFIX):
         return create_model(name, num_classes=num_classes, is_imagenet_input=not small)
@@ -176,6 +184,40 @@ def build_model(name: str, num_classes: int, image_size: int) -> nn.Module:
         from ghnviz.zoo.adapt import adapt_to_small_images
 
         model = adapt_to_small_images(model)
+    return model
+
+
+def _build_pasted(name: str, code: str, num_classes: int, image_size: int) -> nn.Module:
+    import torch
+
+    from ghnviz.zoo.pasted import PastedCodeError, _construct, _execute, code_allowed
+
+    if not code_allowed():
+        raise PastedCodeError('disabled', 'pasted code is disabled (GHNVIZ_ALLOW_CODE=0)')
+    cls = _execute(code).get(name)
+    if not isinstance(cls, type):
+        raise PastedCodeError('no_module', f'class {name!r} is not defined by the pasted code')
+    model = _construct(cls, num_classes)
+    model.expected_input_sz = (3, image_size, image_size)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(2, 3, image_size, image_size))
+    except Exception as e:
+        raise ValueError(
+            f'the pasted model {name} fails on 3x{image_size}x{image_size} images '
+            f'({type(e).__name__}: {str(e)[:200]}); give it a stem that accepts that size or choose '
+            'another image size'
+        ) from None
+    finally:
+        model.train(was_training)
+    logits = out[0] if isinstance(out, (tuple, list)) else out
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, num_classes):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(
+            f'the pasted model {name} returns {got} for 2 images, not (2, {num_classes}) class scores; '
+            f'build it for {num_classes} classes (a num_classes argument in its constructor is passed on)'
+        )
     return model
 
 
@@ -378,7 +420,7 @@ def _run(
             check_cancel('while loading data')
             num_classes = cfg.num_classes or data.num_classes
             event(f'data: {cfg.dataset}, {len(data.train)} training and {len(data.test)} test images')
-            model = build_model(cfg.model, num_classes, cfg.image_size)
+            model = build_model(cfg.model, num_classes, cfg.image_size, cfg.model_code)
             result.init = initialise(model, cfg, num_classes)
             event(f'init: {result.init}')
             check_cancel('during initialisation')

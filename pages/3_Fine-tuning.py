@@ -24,6 +24,7 @@ def _run_label(run) -> str:
 def _launch_form(spec: state.ModelSpec, ghn_path: str | None) -> None:
     from ghnviz.finetune import INITS, FinetuneConfig
     from ghnviz.runner import launch
+    from ghnviz.zoo.pasted import PastedModel, code_allowed
 
     st.session_state.setdefault('ft_inits', ['default', 'ghn'] if ghn_path else ['default'])
     st.session_state.setdefault('ft_data', state.default_data_path())
@@ -65,6 +66,13 @@ def _launch_form(spec: state.ModelSpec, ghn_path: str | None) -> None:
             'Load a GHN on the Home page, or use the default init only.',
         )
         return
+    if not spec.is_zoo and not code_allowed():
+        show_error(
+            'Pasted code is switched off',
+            'GHNVIZ_ALLOW_CODE=0 is set for this app',
+            'Choose a torchvision or DeepNets-1M model on the Architecture page.',
+        )
+        return
     if data_path and not Path(data_path).expanduser().exists():
         show_error(
             'Dataset not found',
@@ -78,6 +86,7 @@ def _launch_form(spec: state.ModelSpec, ghn_path: str | None) -> None:
         try:
             cfg = FinetuneConfig(
                 model=spec.name,
+                model_code=None if spec.is_zoo else PastedModel.from_json(spec.pasted).source,
                 init=init,
                 ghn=ghn_path or 'default',
                 dataset=dataset,
@@ -203,19 +212,18 @@ def main() -> None:
             'Install the complete ghnviz package.',
         )
         st.stop()
-    if not spec.is_zoo:
-        st.warning(
-            'Pasted models cannot be fine-tuned in the background (runs rebuild the model by name). '
-            'Choose a torchvision or DeepNets-1M model on the Architecture page.'
-        )
+    ghn, err = loaders.current_ghn()
+    ghn_path = None
+    if ghn is not None:
+        ghn_path = attempt('Could not locate the GHN file', loaders.ghn_resolved_path, state.ghn_source())
     else:
-        ghn, err = loaders.current_ghn()
-        ghn_path = None
-        if ghn is not None:
-            ghn_path = attempt('Could not locate the GHN file', loaders.ghn_resolved_path, state.ghn_source())
-        else:
-            st.info('No GHN is loaded: only the default init can be fine-tuned (load one on the Home page).')
-        _launch_form(spec, ghn_path)
+        st.info('No GHN is loaded: only the default init can be fine-tuned (load one on the Home page).')
+    if not spec.is_zoo:
+        st.caption(
+            f'Pasted model: each run executes its code again in the run process and trains it as written '
+            f'(no stem adaptation) on {spec.image_size}x{spec.image_size} images.'
+        )
+    _launch_form(spec, ghn_path)
     st.subheader('Runs')
     st.session_state.setdefault('ft_was_active', False)
     st.fragment(_runs_panel, run_every=POLL_S if st.session_state['ft_was_active'] else None)()

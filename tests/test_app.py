@@ -194,8 +194,23 @@ def test_architecture_pasted_code(env, monkeypatch):
     _no_failure(at)
     assert any('timeout' in e for e in _errors(at))
 
-    at.switch_page('pages/3_Fine-tuning.py').run()  # pasted models are not fine-tuned in the background
-    assert any('Pasted models cannot be fine-tuned' in w.value for w in at.warning)
+    # the checked pasted model is fine-tuned in a background run, from its GHN-predicted parameters
+    monkeypatch.setenv('GHNVIZ_DATA', str(shared_file('data', 'cifar10-jpeg.tar.xz')))
+    at.switch_page('pages/3_Fine-tuning.py').run()
+    assert 'Pasted model' in _captions(at)
+    at.multiselect(key='ft_inits').set_value(['ghn'])
+    at.number_input(key='ft_steps').set_value(2)
+    at.number_input(key='ft_eval_limit').set_value(100)
+    next(b for b in at.button if b.label == 'Launch runs').click().run()
+    _no_failure(at)
+    assert _errors(at) == []
+    deadline = time.monotonic() + 120
+    while _history(at).iloc[0]['status'] in ('queued', 'running'):
+        assert time.monotonic() < deadline, 'the pasted-model run did not finish'
+        time.sleep(1)
+        at.run()
+    run = _history(at).iloc[0]
+    assert run['status'] == 'done' and run['model'] == 'Pasted' and run['init'] == 'ghn'
 
 
 def test_pasted_code_switched_off(env, monkeypatch):

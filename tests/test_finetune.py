@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -125,3 +126,75 @@ def test_data_seed_fixes_the_subsets_across_run_seeds():
     assert torch.equal(a_train, c_train)
     d_train, _ = subsets(seed=1)
     assert len(d_train) == len(a_train) == 100 and not torch.equal(d_train, a_train)
+
+
+SMALL_CODE = """
+import torch
+from torch import nn
+
+class Small(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+"""
+
+
+FIXED_CODE = """
+from torch import nn
+
+class Fixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 5)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
+"""
+
+
+@pytest.mark.slow
+def test_pasted_model_from_the_command_line(tmp_path, capsys):
+    from ghnviz.cli import main
+
+    code = tmp_path / 'small.py'
+    code.write_text(SMALL_CODE)
+    db = tmp_path / 'runs.sqlite'
+    data = str(shared_file('data', 'cifar10-jpeg.tar.xz'))
+    ghn = str(shared_file('conformance', 'ghn2_cifar10_random.pt'))
+    args = ['finetune', '--model', 'Small', '--model-file', str(code), '--init', 'ghn+orth', '--ghn', ghn]
+    args += ['--data-path', data, '--shots', '5', '--steps', '2', '--eval-limit', '50', '--db', str(db)]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out['status'] == 'done' and out['steps'] == 2 and 0 <= out['test/acc'] <= 100
+    with RunStore(db) as store:
+        run = store.list_runs()[0]
+        assert run.config['model'] == 'Small' and run.config['model_code'] == SMALL_CODE
+        init = next(e['message'] for e in store.events(run.id) if e['message'].startswith('init:'))
+    # all six tensors predicted; orthogonalised: the conv weight only (the classifier is left alone)
+    assert "'predicted': 6," in init and "'postprocessed': 1}" in init
+
+    assert main(['finetune', '--model', 'Small', '--model-file', str(tmp_path / 'absent.py'), '--no-db']) == 2
+    assert 'cannot read --model-file' in capsys.readouterr().err
+
+
+def test_pasted_model_is_checked_before_training(monkeypatch):
+    from ghnviz.finetune import build_model
+    from ghnviz.zoo.pasted import PastedCodeError
+
+    model = build_model('Small', 10, 32, code=SMALL_CODE)
+    assert model.fc.out_features == 10 and model.training  # built for the task, left in train mode
+    assert build_model('Small', 7, 32, code=SMALL_CODE).fc.out_features == 7
+    with pytest.raises(ValueError, match=r'returns \(2, 5\) .* not \(2, 10\)'):
+        build_model('Fixed', 10, 32, code=FIXED_CODE)
+    with pytest.raises(ValueError, match='fails on 3x32x32 images'):
+        build_model('Small', 10, 32, code=SMALL_CODE.replace('nn.Conv2d(3,', 'nn.Conv2d(4,'))
+    with pytest.raises(PastedCodeError, match="class 'Other' is not defined"):
+        build_model('Other', 10, 32, code=SMALL_CODE)
+    monkeypatch.setenv('GHNVIZ_ALLOW_CODE', '0')
+    with pytest.raises(PastedCodeError, match='disabled'):
+        build_model('Small', 10, 32, code=SMALL_CODE)
