@@ -88,74 +88,90 @@ class _SetupClock(logging.Handler):
             self.at = time.process_time()
 
 
-def finetune_runs(args) -> list[dict]:
-    """One fine-tuning run per (init, seed); returns one JSON-able record per run."""
+def _one_run(args, init: str, seed: int, first: dict | None) -> dict:
+    """One fine-tuning run; ``first``: the seed-0 record of this init when its step 0 may be reused."""
     ft_log = logging.getLogger('ghnviz.finetune')
     ft_log.setLevel(logging.INFO)
-    records = []
-    for init in args.inits:
-        for seed in range(args.seeds):
-            # A GHN init without noise is the same for every seed when the GHN predicts every parameter
-            # (BatchNorm buffers keep their fixed initial values): its step-0 evaluation is done once.
+    # A GHN init without noise is the same for every seed when the GHN predicts every parameter
+    # (BatchNorm buffers keep their fixed initial values): its step-0 evaluation is done once.
+    reuse = bool(
+        first
+        and not args.all_step0
+        and INITS[init][0]
+        and INITS[init][2] == 0
+        and first['init_report'].get('skipped') == 0
+    )
+    cfg = FinetuneConfig(
+        model=MODEL,
+        init=init,
+        ghn=args.ghn_path,
+        layer=args.layer,
+        beta=args.beta if INITS[init][2] > 0 else None,  # None: 0 for the inits without noise
+        data_path=args.data_path,
+        shots=args.shots,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        eval_every=0,  # only at step 0 and at the end
+        eval_limit=args.eval_limit or None,
+        seed=seed,
+        data_seed=args.data_seed,
+        device='cpu',
+        threads=args.threads,
+        eval_at_start=not reuse,
+        bn_recalibrate=args.bn_recalibrate,
+    )
+    clock = _SetupClock()
+    ft_log.addHandler(clock)
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        res = finetune(cfg, progress=False)
+    finally:
+        ft_log.removeHandler(clock)
+    cpu_s, wall_s = time.process_time() - cpu, time.perf_counter() - wall
+    end = res.history[-1]
+    start = {'test/acc': first['acc0'], 'test/loss': first['loss0']} if reuse else res.history[0]
+    rec = dict(
+        init=init,
+        seed=seed,
+        steps=res.steps,
+        acc0=start['test/acc'],
+        loss0=start['test/loss'],
+        step0_evaluated=not reuse,  # False: the identical init of seed 0 was evaluated
+        acc=end['test/acc'],
+        loss=end['test/loss'],
+        train_loss=res.metrics.get('train/loss'),
+        cpu_s=cpu_s,
+        setup_cpu_s=None if clock.at is None else clock.at - cpu,
+        wall_s=wall_s,
+        init_report={k: v for k, v in res.init.items() if k != 'skipped_reasons'},
+    )
+    print(
+        f'{init:>15} seed {seed}: step 0 {rec["acc0"]:5.1f} %, step {res.steps} {rec["acc"]:5.1f} % '
+        f'(train loss {rec["train_loss"]:.3f}); {cpu_s:.0f} s CPU, {wall_s:.0f} s wall',
+        flush=True,
+    )
+    return rec
+
+
+def finetune_runs(args) -> list[dict]:
+    """One fine-tuning run per (init, seed); returns one JSON-able record per run.
+
+    With ``--workers N`` > 1 the runs go to N worker processes (each run still uses ``--threads``) and
+    every run evaluates its own step 0.
+    """
+    jobs = [(init, seed) for init in args.inits for seed in range(args.seeds)]
+    if args.workers <= 1:
+        records: list[dict] = []
+        for init, seed in jobs:
             first = next((r for r in records if r['init'] == init and r['seed'] == 0), None)
-            reuse = bool(
-                first
-                and not args.all_step0
-                and INITS[init][0]
-                and INITS[init][2] == 0
-                and first['init_report'].get('skipped') == 0
-            )
-            cfg = FinetuneConfig(
-                model=MODEL,
-                init=init,
-                ghn=args.ghn_path,
-                layer=args.layer,
-                beta=args.beta if INITS[init][2] > 0 else None,  # None: 0 for the inits without noise
-                data_path=args.data_path,
-                shots=args.shots,
-                steps=args.steps,
-                batch_size=args.batch_size,
-                eval_every=0,  # only at step 0 and at the end
-                eval_limit=args.eval_limit or None,
-                seed=seed,
-                data_seed=args.data_seed,
-                device='cpu',
-                threads=args.threads,
-                eval_at_start=not reuse,
-                bn_recalibrate=args.bn_recalibrate,
-            )
-            clock = _SetupClock()
-            ft_log.addHandler(clock)
-            wall, cpu = time.perf_counter(), time.process_time()
-            try:
-                res = finetune(cfg, progress=False)
-            finally:
-                ft_log.removeHandler(clock)
-            cpu_s, wall_s = time.process_time() - cpu, time.perf_counter() - wall
-            end = res.history[-1]
-            start = {'test/acc': first['acc0'], 'test/loss': first['loss0']} if reuse else res.history[0]
-            rec = dict(
-                init=init,
-                seed=seed,
-                steps=res.steps,
-                acc0=start['test/acc'],
-                loss0=start['test/loss'],
-                step0_evaluated=not reuse,  # False: the identical init of seed 0 was evaluated
-                acc=end['test/acc'],
-                loss=end['test/loss'],
-                train_loss=res.metrics.get('train/loss'),
-                cpu_s=cpu_s,
-                setup_cpu_s=None if clock.at is None else clock.at - cpu,
-                wall_s=wall_s,
-                init_report={k: v for k, v in res.init.items() if k != 'skipped_reasons'},
-            )
-            records.append(rec)
-            print(
-                f'{init:>15} seed {seed}: step 0 {rec["acc0"]:5.1f} %, step {res.steps} {rec["acc"]:5.1f} % '
-                f'(train loss {rec["train_loss"]:.3f}); {cpu_s:.0f} s CPU, {wall_s:.0f} s wall',
-                flush=True,
-            )
-    return records
+            records.append(_one_run(args, init, seed, first))
+        return records
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(args.workers, mp_context=get_context('spawn')) as pool:
+        futures = [pool.submit(_one_run, args, init, seed, None) for init, seed in jobs]
+        return [f.result() for f in futures]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -339,8 +355,8 @@ def markdown(res: dict) -> str:
                 if setup
                 else ''
             )
-            + f'; CPU / wall = {res["totals"]["finetune_cpu_s"] / res["totals"]["finetune_wall_s"]:.2f}, '
-            'the share of a core the process got on the shared machine.',
+            + f'; CPU / wall = {res["totals"]["finetune_cpu_s"] / res["totals"]["finetune_wall_s"]:.2f} '
+            f'with {a.get("workers", 1)} run(s) at a time on the shared machine.',
             '',
             'Per run:',
             '',
@@ -427,7 +443,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument('--data-path', default=str(DEFAULT_DATA), help='CIFAR-10 archive [../shared/data/...]')
     p.add_argument('--layer', type=int, default=0, help='first post-processed layer [0: all]')
     p.add_argument('--beta', type=float, default=3e-5, help='noise scale for ghn+orth+noise [3e-5]')
-    p.add_argument('--threads', type=int, default=1, help='torch threads [1]')
+    p.add_argument('--threads', type=int, default=1, help='torch threads per run [1]')
+    p.add_argument('--workers', type=int, default=1, help='runs in parallel worker processes [1]')
     p.add_argument(
         '--bn-recalibrate',
         type=int,
@@ -481,11 +498,11 @@ def main(argv: list[str] | None = None) -> None:
         'totals': {},
     }
     if not args.no_finetune:
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall = time.perf_counter()
         res['runs'] = finetune_runs(args)
         res['summary'] = summarise_runs(res['runs'], args.inits)
-        res['totals'].update(
-            finetune_cpu_s=time.process_time() - cpu, finetune_wall_s=time.perf_counter() - wall
+        res['totals'].update(  # CPU: the runs' own (they may run in worker processes)
+            finetune_cpu_s=sum(r['cpu_s'] for r in res['runs']), finetune_wall_s=time.perf_counter() - wall
         )
     models = [s for s in args.diversity_models.split(',') if s]
     if models:

@@ -4,8 +4,10 @@
 # Architectures: the first 1,500 of the train split at their sampled depth, C capped at 32 (built once
 # and cached per process).
 #
-# History of the shipped run: started with --steps 1000; at step 206 (its checkpoint) it was resumed
-# with --steps 750 to fit the time available, so the cosine schedule was recomputed from there on.
+# History of the shipped run: started with --steps 1000; resumed at step 206 with --steps 750 (the
+# shared machine was busy), at step 463 with --steps 1000 again (it had become idle), at step 1000 with
+# STEPS=3500 LR=5e-4 (a warm restart of the cosine schedule) and at step 1201 with STEPS=3000 (to fit
+# the time available). The schedule is recomputed from the current --steps and --lr at every resume.
 #
 # Run it again to resume: it continues from the last checkpoint in $OUT (step count, optimizer,
 # schedule, random streams). Checkpoints are written every 3 minutes. Two processes with one thread
@@ -19,6 +21,8 @@ DATA=${DATA:-../shared/data/cifar10-jpeg.tar.xz}
 OUT=${OUT:-runs/ghn_default}
 PYTHON=${PYTHON:-.venv/bin/python}
 NPROC=${NPROC:-2}
+STEPS=${STEPS:-3000}
+LR=${LR:-5e-4}
 export OMP_NUM_THREADS=1
 
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m ghnviz train \
@@ -27,5 +31,5 @@ exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -
   --meta-batch $((8 / NPROC)) --batch-size 32 --max-width 32 --max-nodes $((2200 / NPROC)) \
   --arch-pool 1500 --cache-size 1500 --no-resample-width \
   --amp bf16 --channels-last --threads 1 \
-  --optimizer adam --lr 1e-3 --weight-decay 1e-5 --scheduler cosine --warmup-steps 50 --warmup-lr 1e-4 \
-  --steps 750 --save-every-s 180 --log-every 25 --seed 0
+  --optimizer adam --lr "$LR" --weight-decay 1e-5 --scheduler cosine --warmup-steps 50 --warmup-lr 1e-4 \
+  --steps "$STEPS" --save-every-s 180 --log-every 25 --seed 0
