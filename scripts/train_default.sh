@@ -6,8 +6,9 @@
 #
 # History of the shipped run: started with --steps 1000; resumed at step 206 with --steps 750 (the
 # shared machine was busy), at step 463 with --steps 1000 again (it had become idle), at step 1000 with
-# STEPS=3500 LR=5e-4 (a warm restart of the cosine schedule) and at step 1201 with STEPS=3000 (to fit
-# the time available). The schedule is recomputed from the current --steps and --lr at every resume.
+# STEPS=3500 LR=5e-4 (a warm restart of the cosine schedule), and at steps 1201 and 1265 with
+# STEPS=3000 and STEPS=2600 (to fit the time available). The schedule is recomputed from the current
+# --steps and --lr at every resume.
 #
 # Run it again to resume: it continues from the last checkpoint in $OUT (step count, optimizer,
 # schedule, random streams). Checkpoints are written every 3 minutes. Two processes with one thread
@@ -21,7 +22,7 @@ DATA=${DATA:-../shared/data/cifar10-jpeg.tar.xz}
 OUT=${OUT:-runs/ghn_default}
 PYTHON=${PYTHON:-.venv/bin/python}
 NPROC=${NPROC:-2}
-STEPS=${STEPS:-3000}
+STEPS=${STEPS:-2600}
 LR=${LR:-5e-4}
 export OMP_NUM_THREADS=1
 
