@@ -44,16 +44,17 @@ def _state_dict_bytes(model) -> bytes:
     return save({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()})
 
 
-def _predict(ghn, spec: state.ModelSpec, key: tuple) -> None:
+def _predict(ghn, spec: state.ModelSpec, key: tuple, complete: bool) -> None:
     t0 = time.perf_counter()
     model = loaders.make_model(spec, ghn.num_classes)
     built = time.perf_counter() - t0
-    pred = ghn.predict(model)
+    pred = ghn.predict(model, complete=complete)
     model.cpu()
     st.session_state['params_result'] = {
         'key': key,
         'model': model,
         'predicted': list(pred.predicted),
+        'filled': dict(pred.filled),
         'skipped': dict(pred.skipped),
         'seconds': {'build model': built, **pred.seconds},
         'stats': None,  # computed on first display, after the prediction is shown
@@ -112,11 +113,19 @@ def _svd(t) -> np.ndarray:
 
 def _results(result: dict, spec: state.ModelSpec, num_classes: int) -> None:
     secs = result['seconds']
-    c = st.columns(4)
+    c = st.columns(5)
     c[0].metric('Predicted tensors', len(result['predicted']))
-    c[1].metric('Not predicted', len(result['skipped']))
-    c[2].metric('Prediction time', f'{secs.get("total", 0):.2f} s', help='graph + GHN forward + writing')
-    c[3].metric('GHN forward', f'{secs.get("predict", 0):.3f} s', help=f'graph: {secs.get("graph", 0):.3f} s')
+    c[1].metric('Filled by rules', len(result['filled']), help='tensors without a graph node (toggle above)')
+    c[2].metric('Not predicted', len(result['skipped']))
+    c[3].metric('Prediction time', f'{secs.get("total", 0):.2f} s', help='graph + GHN forward + writing')
+    c[4].metric('GHN forward', f'{secs.get("predict", 0):.3f} s', help=f'graph: {secs.get("graph", 0):.3f} s')
+    if result['filled']:
+        with st.expander(f'{len(result["filled"])} tensors filled by a labelled rule (not by the GHN)'):
+            st.dataframe(
+                pd.DataFrame(list(result['filled'].items()), columns=['parameter', 'rule']),
+                hide_index=True,
+                key='params_filled',
+            )
     if result['skipped']:
         with st.expander(f'{len(result["skipped"])} tensors kept their default init'):
             st.dataframe(
@@ -253,13 +262,22 @@ def main() -> None:
         show_error('No GHN is loaded', err, 'Choose a GHN checkpoint on the Home page.')
         st.stop()
     st.caption(f'Model: **{spec.label}** (change it on the Architecture page)')
-    key = (spec.key, state.ghn_source(), state.ghn_device())
+    complete = st.toggle(
+        'Fill what the GHN cannot predict',
+        key='params_complete',
+        help=(
+            'Tensors without a graph node (layer scales, position embeddings, class tokens, ...) get a value '
+            'by a labelled rule of ghnviz.hyper.extras, e.g. the layer-scale constant 1e-6. Off: exactly the '
+            'tensors the published GHN code predicts; the rest keep their default init.'
+        ),
+    )
+    key = (spec.key, state.ghn_source(), state.ghn_device(), complete)
     if st.button('Predict parameters', key='params_predict', type='primary'):
         with (
             st.spinner('Predicting…'),
             guard('Prediction failed', 'Choose another model, or check the GHN on the Home page.'),
         ):
-            _predict(ghn, spec, key)
+            _predict(ghn, spec, key, complete)
     result = st.session_state.get('params_result')
     if result is None or result.get('key') != key:
         st.info('Press **Predict parameters** to let the GHN predict every parameter of this model.')

@@ -263,6 +263,21 @@ def test_parameters_predict_stats_and_postprocessing(env):
     assert 'Weight std of the predicted weights' in _captions(at)
 
 
+def test_parameters_fill_toggle(env):
+    at = _app('pages/2_Parameters.py', **{MODEL_KEY: ModelSpec('zoo', 'convnext_tiny', 32)})
+    at.button(key='params_predict').click().run()
+    _no_failure(at)
+    skipped = int(_metric(at, 'Not predicted'))
+    assert skipped > 0 and _metric(at, 'Filled by rules') == '0'  # layer scales have no graph node
+    at.toggle(key='params_complete').set_value(True).run()
+    assert any('Predict parameters' in i.value for i in at.info)  # a new setting: predict again
+    at.button(key='params_predict').click().run()
+    _no_failure(at)
+    assert _metric(at, 'Not predicted') == '0' and int(_metric(at, 'Filled by rules')) == skipped
+    filled = next(d.value for d in at.dataframe if 'rule' in d.value.columns)
+    assert filled['rule'].str.contains('layer_scale').all()
+
+
 def test_parameters_errors_are_messages(env, monkeypatch):
     at = _app('pages/2_Parameters.py', **{MODEL_KEY: ModelSpec('zoo', 'not_a_model', 32)})
     at.button(key='params_predict').click().run()
