@@ -119,20 +119,18 @@ def _results(result: dict, spec: state.ModelSpec, num_classes: int) -> None:
     c[2].metric('Not predicted', len(result['skipped']))
     c[3].metric('Prediction time', f'{secs.get("total", 0):.2f} s', help='graph + GHN forward + writing')
     c[4].metric('GHN forward', f'{secs.get("predict", 0):.3f} s', help=f'graph: {secs.get("graph", 0):.3f} s')
-    if result['filled']:
-        with st.expander(f'{len(result["filled"])} tensors filled by a labelled rule (not by the GHN)'):
-            st.dataframe(
-                pd.DataFrame(list(result['filled'].items()), columns=['parameter', 'rule']),
-                hide_index=True,
-                key='params_filled',
-            )
-    if result['skipped']:
-        with st.expander(f'{len(result["skipped"])} tensors kept their default init'):
-            st.dataframe(
-                pd.DataFrame(list(result['skipped'].items()), columns=['parameter', 'why']),
-                hide_index=True,
-                key='params_skipped',
-            )
+    lists = (
+        ('filled', 'rule', 'tensors filled by a labelled rule (not by the GHN)'),
+        ('skipped', 'why', 'tensors kept their default init'),
+    )
+    for what, column, title in lists:
+        if result[what]:
+            with st.expander(f'{len(result[what])} {title}'):
+                st.dataframe(
+                    pd.DataFrame(list(result[what].items()), columns=['parameter', column]),
+                    hide_index=True,
+                    key=f'params_{what}',
+                )
     if result['stats'] is None:
         from ghnviz.stats import weight_stats
 

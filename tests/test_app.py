@@ -198,12 +198,7 @@ def test_architecture_pasted_code(env, monkeypatch):
     monkeypatch.setenv('GHNVIZ_DATA', str(shared_file('data', 'cifar10-jpeg.tar.xz')))
     at.switch_page('pages/3_Fine-tuning.py').run()
     assert 'Pasted model' in _captions(at)
-    at.multiselect(key='ft_inits').set_value(['ghn'])
-    at.number_input(key='ft_steps').set_value(2)
-    at.number_input(key='ft_eval_limit').set_value(100)
-    next(b for b in at.button if b.label == 'Launch runs').click().run()
-    _no_failure(at)
-    assert _errors(at) == []
+    _launch_ghn_run(at, steps=2)
     deadline = time.monotonic() + 120
     while _history(at).iloc[0]['status'] in ('queued', 'running'):
         assert time.monotonic() < deadline, 'the pasted-model run did not finish'
@@ -294,18 +289,23 @@ def _history(at: AppTest):
     return frames[0] if frames else None
 
 
+def _launch_ghn_run(at: AppTest, steps: int) -> None:
+    """Launch one 'ghn'-init run of `steps` steps from the Fine-tuning page's form."""
+    at.multiselect(key='ft_inits').set_value(['ghn'])
+    at.number_input(key='ft_steps').set_value(steps)
+    at.number_input(key='ft_eval_limit').set_value(100)
+    next(b for b in at.button if b.label == 'Launch runs').click().run()
+    _no_failure(at)
+    assert _errors(at) == []
+
+
 def test_finetuning_launch_watch_cancel(env, monkeypatch):
     data = shared_file('data', 'cifar10-jpeg.tar.xz')
     monkeypatch.setenv('GHNVIZ_DATA', str(data))
     at = _app('pages/3_Fine-tuning.py')
     assert any('No runs yet' in i.value for i in at.info)
     assert at.text_input(key='ft_data').value == str(data)
-    at.multiselect(key='ft_inits').set_value(['ghn'])
-    at.number_input(key='ft_steps').set_value(3)
-    at.number_input(key='ft_eval_limit').set_value(100)
-    next(b for b in at.button if b.label == 'Launch runs').click().run()
-    _no_failure(at)
-    assert _errors(at) == []
+    _launch_ghn_run(at, steps=3)
     hist = _history(at)
     assert hist is not None and len(hist) == 1
     run = hist.iloc[0]
