@@ -6,9 +6,10 @@
 #
 # History of the shipped run: started with --steps 1000; resumed at step 206 with --steps 750 (the
 # shared machine was busy), at step 463 with --steps 1000 again (it had become idle), at step 1000 with
-# STEPS=3500 LR=5e-4 (a warm restart of the cosine schedule), and at steps 1201 and 1265 with
-# STEPS=3000 and STEPS=2600 (to fit the time available). The schedule is recomputed from the current
-# --steps and --lr at every resume.
+# STEPS=3500 LR=5e-4 (a warm restart of the cosine schedule), at steps 1201 and 1265 with
+# STEPS=3000 and STEPS=2600 (to fit the time available), and at steps 2248 and 2322 with STEPS=3400 and
+# STEPS=4000 (more time than estimated was left). The schedule is recomputed from the current --steps
+# and --lr at every resume.
 #
 # Run it again to resume: it continues from the last checkpoint in $OUT (step count, optimizer,
 # schedule, random streams). Checkpoints are written every 3 minutes. Two processes with one thread
@@ -22,7 +23,7 @@ DATA=${DATA:-../shared/data/cifar10-jpeg.tar.xz}
 OUT=${OUT:-runs/ghn_default}
 PYTHON=${PYTHON:-.venv/bin/python}
 NPROC=${NPROC:-2}
-STEPS=${STEPS:-2600}
+STEPS=${STEPS:-4000}
 LR=${LR:-5e-4}
 export OMP_NUM_THREADS=1
 
