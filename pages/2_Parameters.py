@@ -233,23 +233,19 @@ def _results(result: dict, spec: state.ModelSpec, num_classes: int) -> None:
         st.dataframe(records, hide_index=True, key='params_records')
 
     fname = spec.name.replace(':', '_').replace('/', '_')
-    c1, c2 = st.columns(2)
-    c1.download_button(
-        'Download predicted weights (.safetensors)',
-        lambda: _state_dict_bytes(model),
-        f'{fname}.ghn.safetensors',
-        mime='application/octet-stream',
-        key='params_dl_pred',
-        on_click='ignore',
+    downloads = (
+        ('predicted', model, 'ghn', 'params_dl_pred'),
+        ('post-processed', pmodel, 'ghn-post', 'params_dl_post'),
     )
-    c2.download_button(
-        'Download post-processed weights (.safetensors)',
-        lambda: _state_dict_bytes(pmodel),
-        f'{fname}.ghn-post.safetensors',
-        mime='application/octet-stream',
-        key='params_dl_post',
-        on_click='ignore',
-    )
+    for col, (what, net, suffix, key) in zip(st.columns(2), downloads):
+        col.download_button(
+            f'Download {what} weights (.safetensors)',
+            lambda net=net: _state_dict_bytes(net),
+            f'{fname}.{suffix}.safetensors',
+            mime='application/octet-stream',
+            key=key,
+            on_click='ignore',
+        )
 
 
 def main() -> None:

@@ -20,6 +20,19 @@ MAX_LABELS = 80  # folded graphs with at most this many nodes get text labels
 X_STRETCH = 2.5  # horizontal spacing of nodes in a row, relative to the spacing of rows
 
 
+def _line_layout(fig: go.Figure, title: str, height: int, x_title: str, y_title: str, legend_y: float):
+    """The layout shared by the histogram, per-layer and curve charts: title, axes, legend below."""
+    fig.update_layout(
+        title=title,
+        height=height,
+        margin=dict(l=10, r=10, t=40, b=10),
+        font=_FONT,
+        xaxis_title=x_title,
+        yaxis_title=y_title,
+        legend=dict(orientation='h', y=legend_y),
+    )
+
+
 def node_param_counts(graph: ComputationGraph) -> np.ndarray:
     """Elements of the tensor each node stands for (0 for nodes without a parameter), shape ``(n,)``."""
     return np.array(
@@ -256,15 +269,7 @@ def histogram_figure(series: Mapping[str, np.ndarray], bins: int = 80, title: st
                 name=f'{name} (n={values.size:,})',
             )
         )
-    fig.update_layout(
-        title=title,
-        height=340,
-        margin=dict(l=10, r=10, t=40, b=10),
-        font=_FONT,
-        xaxis_title='value',
-        yaxis_title='share of values',
-        legend=dict(orientation='h', y=-0.2),
-    )
+    _line_layout(fig, title, 340, 'value', 'share of values', legend_y=-0.2)
     return fig
 
 
@@ -304,15 +309,7 @@ def per_layer_figure(
                 line=dict(color=color),
             )
         )
-    fig.update_layout(
-        title=title,
-        height=360,
-        margin=dict(l=10, r=10, t=40, b=10),
-        font=_FONT,
-        xaxis_title='layer (model order)',
-        yaxis_title=y_title,
-        legend=dict(orientation='h', y=-0.25),
-    )
+    _line_layout(fig, title, 360, 'layer (model order)', y_title, legend_y=-0.25)
     return fig
 
 
@@ -333,15 +330,7 @@ def curves_figure(frames: Mapping[str, object], key: str, title: str, y_title: s
                 line=dict(color=color, width=2),
             )
         )
-    fig.update_layout(
-        title=title,
-        height=320,
-        margin=dict(l=10, r=10, t=40, b=10),
-        font=_FONT,
-        xaxis_title='step',
-        yaxis_title=y_title,
-        legend=dict(orientation='h', y=-0.3),
-    )
+    _line_layout(fig, title, 320, 'step', y_title, legend_y=-0.3)
     return fig
 
 
