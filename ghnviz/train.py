@@ -33,6 +33,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,8 @@ class TrainConfig:
     save_every_s: float = 300.0  # checkpoint at least this often (seconds), and at the end
     log_every: int = 50  # log a summary line every this many steps
     max_failures: int = 50  # give up after this many consecutive skipped steps (NaN loss, out of memory)
+    # Ignored when resuming from a checkpoint in out_dir:
+    init_from: str | None = None  # start from these GHN weights (file/name), continuing their step count
 
     def __post_init__(self) -> None:
         self.max_shape = tuple(int(v) for v in self.max_shape)
@@ -241,19 +244,40 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
-def _init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); initialises the process group when launched by torchrun (WORLD_SIZE > 1)."""
+def _init_distributed(device: torch.device) -> tuple[int, int, bool]:
+    """(rank, world size, whether this call created the process group).
+
+    Initialises the process group when launched by torchrun (WORLD_SIZE > 1) and none exists yet.
+    """
     world = int(os.environ.get('WORLD_SIZE', '1'))
     if world <= 1:
-        return 0, 1
+        return 0, 1, False
     import torch.distributed as dist
 
+    created = False
     if not dist.is_initialized():
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
         if device.type == 'cuda':
             torch.cuda.set_device(device)
         dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size()
+        created = True
+    return dist.get_rank(), dist.get_world_size(), created
+
+
+def _close_distributed(completed: bool) -> None:
+    """Tear down the process group this run created.
+
+    A gloo group left to interpreter shutdown can abort the process ("terminate called without an
+    active exception") after the work is done, so a finished run waits for every rank and then
+    destroys the group explicitly; a failed run destroys it without waiting for ranks that may be gone.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    if completed:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _all_reduce(t: torch.Tensor, world: int, op: str = 'sum') -> torch.Tensor:
@@ -341,6 +365,7 @@ class _Parts:
     device: torch.device
     rank: int
     world: int
+    owns_group: bool
     ghn: nn.Module
     images: ImageStream
     sampler: ArchSampler
@@ -388,6 +413,32 @@ class _Parts:
         save_checkpoint(Path(self.cfg.out_dir), self.ghn, self.cfg, self.step, info, state)
         log.info('step %d: checkpoint saved to %s', self.step, self.cfg.out_dir)
 
+    def init_from(self, path_or_name: str) -> None:
+        """Start from another run's GHN weights, continuing its step count and time (fresh optimizer)."""
+        from ghnviz.hyper.io import load_ghn, resolve_checkpoint
+
+        path = resolve_checkpoint(path_or_name)
+        src = load_ghn(path)
+        ours, theirs = self.ghn.config.to_dict(), src.config.to_dict()
+        if ours != theirs:
+            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            raise ValueError(
+                f'cannot start from {path}: its GHN differs in {diff} '
+                f'({", ".join(f"{k}={theirs.get(k)!r} here {ours.get(k)!r}" for k in diff)}); '
+                'set the same GHN options'
+            )
+        self.ghn.load_state_dict(src.state_dict())
+        card_path = Path(path).with_suffix('.json')
+        card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+        self.step = int(card.get('step', 0))
+        self.elapsed = float(card.get('elapsed_s', card.get('wall_time_s', 0.0)))
+        if self.step:  # put the schedule where this step count has it
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                self.scheduler.last_epoch = self.step - 1
+                self.scheduler.step()
+        log.info('starting from the weights of %s at step %d (fresh optimizer state)', path, self.step)
+
     def resume(self) -> bool:
         """Load the checkpoint in ``out_dir`` if there is one; returns whether it did."""
         from ghnviz.hyper.io import load_ghn
@@ -424,7 +475,7 @@ class _Parts:
 
 def _setup(cfg: TrainConfig) -> _Parts:
     device = _resolve_device(cfg.device, int(os.environ.get('LOCAL_RANK', '0')))
-    rank, world = _init_distributed(device)
+    rank, world, owns_group = _init_distributed(device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     if AMP_DTYPES[cfg.amp] == torch.float16 and device.type != 'cuda':
@@ -438,6 +489,7 @@ def _setup(cfg: TrainConfig) -> _Parts:
         device=device,
         rank=rank,
         world=world,
+        owns_group=owns_group,
         ghn=ghn,
         images=images,
         sampler=ArchSampler(cfg, images.num_classes, ghn.config.ve_cutoff, rank, world),
@@ -466,8 +518,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = False) -> dic
         RuntimeError: ``max_failures`` consecutive steps failed (non-finite loss or gradients, out of memory).
     """
     run = _setup(cfg)
-    if resume:
-        run.resume()
+    resumed = run.resume() if resume else False
+    if not resumed and cfg.init_from:
+        run.init_from(cfg.init_from)
     out_dir = Path(cfg.out_dir)
     predictor: nn.Module = MetaBatchPredictor(run.ghn)
     if run.world > 1:
@@ -478,7 +531,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = False) -> dic
     metrics = bar = None
     if run.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        metrics = _MetricsCSV(out_dir / METRICS, keep_until=run.step if resume else None)
+        metrics = _MetricsCSV(out_dir / METRICS, keep_until=run.step if resume or cfg.init_from else None)
         n_params = sum(p.numel() for p in run.ghn.parameters())
         log.info(
             'training a %s GHN (%d parameters) on %s, %d process(es)',
@@ -495,6 +548,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = False) -> dic
     last: dict = {}
     window: list[dict] = []
     last_save, consecutive = time.perf_counter(), 0
+    completed = False
     try:
         while run.step < cfg.steps:
             x, y = run.images.next()
@@ -538,11 +592,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = False) -> dic
                     metrics.flush()  # the CSV never lags behind a checkpoint
                 run.save(last)
                 last_save = time.perf_counter()
+        completed = True
     finally:
         if bar is not None:
             bar.close()
         if metrics is not None:
             metrics.close()
+        if run.owns_group:
+            del predictor  # DDP's reducer goes before the group it talks over
+            _close_distributed(completed)
     return {
         'steps': run.step,
         'last': last,

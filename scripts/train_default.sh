@@ -8,8 +8,11 @@
 # shared machine was busy), at step 463 with --steps 1000 again (it had become idle), at step 1000 with
 # STEPS=3500 LR=5e-4 (a warm restart of the cosine schedule), at steps 1201 and 1265 with
 # STEPS=3000 and STEPS=2600 (to fit the time available), and at steps 2248 and 2322 with STEPS=3400 and
-# STEPS=4000 (more time than estimated was left). The schedule is recomputed from the current --steps
-# and --lr at every resume.
+# STEPS=4000 (more time than estimated was left), stopped at step 3778 and shipped. The schedule is
+# recomputed from the current --steps and --lr at every resume. A later session, without the local
+# resume state, continued from the shipped weights with INIT=default STEPS=6300 LR=7e-4 (fresh Adam
+# state; the step count, the cosine position and the learning curve carry on; docs/ghn_default_training.csv
+# was copied to $OUT/metrics.csv first so the curve stays whole).
 #
 # Run it again to resume: it continues from the last checkpoint in $OUT (step count, optimizer,
 # schedule, random streams). Checkpoints are written every 3 minutes. Two processes with one thread
@@ -25,6 +28,7 @@ PYTHON=${PYTHON:-.venv/bin/python}
 NPROC=${NPROC:-2}
 STEPS=${STEPS:-4000}
 LR=${LR:-5e-4}
+INIT=${INIT:-}  # weights to start a new run from (file or 'default'); ignored when $OUT holds a checkpoint
 export OMP_NUM_THREADS=1
 
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m ghnviz train \
@@ -34,4 +38,4 @@ exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -
   --arch-pool 1500 --cache-size 1500 --no-resample-width \
   --amp bf16 --channels-last --threads 1 \
   --optimizer adam --lr "$LR" --weight-decay 1e-5 --scheduler cosine --warmup-steps 50 --warmup-lr 1e-4 \
-  --steps "$STEPS" --save-every-s 180 --log-every 25 --seed 0
+  --steps "$STEPS" --save-every-s 180 --log-every 25 --seed 0 ${INIT:+--init-from "$INIT"}

@@ -75,6 +75,29 @@ def test_train_checkpoint_and_exact_resume(tmp_path):
     assert [c['step'] for c in curve] == [2, 3] and curve[0]['loss'] > 0
 
 
+def test_init_from_continues_weights_and_step_count(tmp_path):
+    """A new run started from another run's weights: same tensors, step count and time carried on."""
+    first = tiny_config(tmp_path / 'a', steps=2)
+    tr.train(first)
+    src = tmp_path / 'a' / 'run' / tr.CHECKPOINT
+    # lr=0: the weights cannot move, so the new checkpoint must equal the one it started from
+    frozen = tiny_config(tmp_path / 'b', steps=3, lr=0.0, init_from=str(src))
+    tr.train(frozen)
+    a, b = (ghnviz.load_ghn(p / 'run' / tr.CHECKPOINT).state_dict() for p in (tmp_path / 'a', tmp_path / 'b'))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [int(r['step']) for r in read_csv(tmp_path / 'b' / 'run' / tr.METRICS)] == [3]
+    card_a, card_b = tr.load_card(tmp_path / 'a' / 'run'), tr.load_card(tmp_path / 'b' / 'run')
+    assert card_b['step'] == 3 and card_b['elapsed_s'] > card_a['elapsed_s']
+    # a cosine schedule picks up where the step count has it, with a fresh optimizer
+    cos = tiny_config(tmp_path / 'c', steps=4, scheduler='cosine', lr=1e-3, init_from=str(src))
+    tr.train(cos)
+    lrs = [float(r['lr']) for r in read_csv(tmp_path / 'c' / 'run' / tr.METRICS)]
+    expected = [1e-3 * tr.SCHEDULERS['cosine'](cos)(s) for s in (2, 3)]
+    assert lrs == pytest.approx(expected) and lrs[0] < 1e-3
+    with pytest.raises(ValueError, match='hid'):
+        tr.train(tiny_config(tmp_path / 'd', steps=3, hid=8, init_from=str(src)))
+
+
 def test_resume_refuses_another_ghn(tmp_path):
     cfg = tiny_config(tmp_path, steps=1)
     tr.train(cfg)
