@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ghnviz.ui import loaders, page, state
+from ghnviz.ui import charts, loaders, page, state
 from ghnviz.ui.errors import message_of, show_error
 
 
@@ -64,6 +64,40 @@ def _load_form() -> None:
             st.rerun()
 
 
+def _shipped_card(card: dict) -> None:
+    """What the shipped GHN was trained on and how well it does: headline numbers, curve, full card."""
+    ev = card.get('evaluation') or {}
+    base = ev.get('baselines') or {}
+    trained = '; '.join(card[k] for k in ('architectures', 'data') if card.get(k))
+    if trained:
+        st.markdown(f'**How it was trained.** {trained[0].upper()}{trained[1:]}.')
+    c1, c2, c3, c4 = st.columns(4)
+    if 'mean_top1' in ev:
+        c1.metric(
+            f'Mean top-1, {ev.get("n", "?")} test archs',
+            f'{ev["mean_top1"]:.1f}%',
+            help=f'CIFAR-10 test accuracy of predicted parameters, no training. {ev.get("command", "")}',
+        )
+    for col, name in ((c2, 'resnet18'), (c3, 'resnet50')):
+        if base.get(name) is not None:
+            col.metric(f'{name} (predicted)', f'{base[name]:.1f}%', help='adapted to 32x32 inputs')
+    if card.get('step'):
+        hours = card.get('wall_time_s', 0) / 3600
+        c4.metric('Training steps', f'{card["step"]:,}', help=f'{hours:.1f} h on {card.get("hardware", "?")}')
+    curve_file = card.get('learning_curve', '').split(' ')[0]  # 'docs/x.csv (what it holds)'
+    curve = loaders.ghn_training_curve(curve_file) if curve_file else None
+    if curve:
+        st.plotly_chart(
+            charts.training_curve_figure(curve, 'Learning curve (means over 50 steps)'),
+            key='home_curve',
+            width='stretch',
+        )
+    if card.get('status'):
+        st.caption(card['status'])
+    with st.expander('Model card (assets/ghn_default.json)', expanded=False):
+        st.json(card)
+
+
 PAGE_TEXT = (
     'choose a model and see its computation graph',
     'predict, inspect and post-process its parameters',
@@ -106,8 +140,7 @@ def home() -> None:
             st.json({k: v for k, v in facts.items() if k not in ('architecture', 'device')})
         card = loaders.ghn_card() if source == 'default' else None
         if card:
-            with st.expander('Model card (assets/ghn_default.json)', expanded=True):
-                st.json(card)
+            _shipped_card(card)
     with st.expander('Load another GHN', expanded=ghn is None):
         _load_form()
     st.subheader('Pages')

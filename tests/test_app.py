@@ -95,6 +95,20 @@ def test_home_shows_the_loaded_ghn(env):
     assert 'ghn2_cifar10_random.pt' in _captions(at)  # sidebar status
 
 
+def test_home_shows_the_shipped_ghn_card(env, monkeypatch):
+    monkeypatch.delenv('GHNVIZ_GHN')
+    card = json.loads((ROOT / 'assets' / 'ghn_default.json').read_text())
+    at = _app()
+    assert _errors(at) == []
+    ev = card['evaluation']
+    assert _metric(at, f'Mean top-1, {ev["n"]} test archs') == f'{ev["mean_top1"]:.1f}%'
+    assert _metric(at, 'resnet18 (predicted)') == f'{ev["baselines"]["resnet18"]:.1f}%'
+    assert _metric(at, 'Training steps') == f'{card["step"]:,}'
+    fig = _figure(at, 'home_curve')
+    acc = _trace(fig, 'training-batch accuracy')
+    assert acc['x'][-1] == card['step'] and 0 < acc['y'][-1] < 100  # the curve reaches the shipped step
+
+
 def test_home_without_a_ghn_lets_the_user_pick_a_file(env, monkeypatch):
     monkeypatch.setenv('GHNVIZ_GHN', str(env['tmp'] / 'missing.pt'))
     at = _app()

@@ -334,6 +334,35 @@ def curves_figure(frames: Mapping[str, object], key: str, title: str, y_title: s
     return fig
 
 
+# --------------------------------------------------------------------------------------------- home page
+def training_curve_figure(curve: Sequence[Mapping[str, float]], title: str = '') -> go.Figure:
+    """A GHN's learning curve (windows of :func:`ghnviz.train.learning_curve`): accuracy and loss."""
+    steps = [c['step'] for c in curve]
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=steps,
+            y=[100 * c['acc'] for c in curve],
+            mode='lines',
+            name='training-batch accuracy (%)',
+            line=dict(color=SERIES_COLORS[0], width=2),
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=steps,
+            y=[c['loss'] for c in curve],
+            mode='lines',
+            name='loss',
+            yaxis='y2',
+            line=dict(color=SERIES_COLORS[1], width=2),
+        )
+    )
+    _line_layout(fig, title, 320, 'training step', 'accuracy (%)', legend_y=-0.3)
+    fig.update_layout(yaxis2=dict(title='loss', overlaying='y', side='right', showgrid=False))
+    return fig
+
+
 # ---------------------------------------------------------------------------------- embeddings page
 def embedding_figure(
     ref_xy: np.ndarray,

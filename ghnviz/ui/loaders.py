@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CARD_PATH = Path(__file__).resolve().parents[2] / 'assets' / 'ghn_default.json'
+REPO = Path(__file__).resolve().parents[2]
+CARD_PATH = REPO / 'assets' / 'ghn_default.json'
 DEFAULT_NUM_CLASSES = 10  # classifier size when no GHN is loaded
 
 
@@ -71,6 +72,19 @@ def ghn_card() -> dict | None:
         return json.loads(CARD_PATH.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         log.warning('cannot read %s: %s', CARD_PATH, exc)
+        return None
+
+
+@st.cache_data(show_spinner=False, max_entries=2)
+def ghn_training_curve(relative_path: str, window: int = 50) -> list[dict] | None:
+    """The learning curve a card names (a ``metrics.csv`` relative to the repository), in windows of steps."""
+    from ghnviz.train import learning_curve
+
+    path = REPO / relative_path
+    try:
+        return learning_curve(path, window=window) if path.is_file() else None
+    except (OSError, KeyError, ValueError) as exc:
+        log.warning('cannot read the learning curve %s: %s', path, exc)
         return None
 
 
