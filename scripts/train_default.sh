@@ -12,7 +12,8 @@
 # recomputed from the current --steps and --lr at every resume. A later session, without the local
 # resume state, continued from the shipped weights with INIT=default STEPS=6300 LR=7e-4 (fresh Adam
 # state; the step count, the cosine position and the learning curve carry on; docs/ghn_default_training.csv
-# was copied to $OUT/metrics.csv first so the curve stays whole).
+# was copied to $OUT/metrics.csv first so the curve stays whole), and resumed at step 4276 with
+# STEPS=7300 LR=7e-4 (more time was left than the first estimate).
 #
 # Run it again to resume: it continues from the last checkpoint in $OUT (step count, optimizer,
 # schedule, random streams). Checkpoints are written every 3 minutes. Two processes with one thread
