@@ -272,7 +272,13 @@ def _prediction_note(runs: list[dict]) -> str:
 
 def markdown(res: dict) -> str:
     m, g, a = res['meta'], res['ghn'], res['args']
-    lines = ['## Fine-tuning from GHN-predicted parameters (100-shot CIFAR-10) and filter diversity', '']
+    parts = []
+    if res.get('runs'):
+        task = f'{a["shots"]}-shot CIFAR-10, {a["steps"]} steps'
+        parts.append(f'Fine-tuning from GHN-predicted parameters ({task})')
+    if res.get('diversity'):
+        parts.append('filter diversity' if parts else 'Filter diversity of GHN-predicted parameters')
+    lines = ['## ' + ' and '.join(parts), '']
     if a['label']:
         lines += [f'> **{a["label"]}.**', '']
     step = ''
@@ -462,7 +468,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument('--no-finetune', action='store_true', help='only the diversity part')
     p.add_argument('--out', default=str(REPO / 'docs' / 'results_finetune.md'))
     p.add_argument('--json', default=str(REPO / 'docs' / 'results_finetune.json'))
+    p.add_argument('--render', metavar='JSON', help='only write --out again from a JSON this script wrote')
     args = p.parse_args(argv)
+    if args.render:  # markdown again from a stored JSON, nothing re-run
+        Path(args.out).write_text(markdown(json.loads(Path(args.render).read_text())))
+        print(f'wrote {args.out} from {args.render}')
+        return
     args.inits = [s for s in args.inits.split(',') if s]
     unknown = set(args.inits) - set(INITS)
     if unknown:
