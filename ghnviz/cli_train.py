@@ -71,7 +71,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     _add_config_options(t, TrainConfig)
     t.add_argument(
-        '--resume', action='store_true', help='continue from the checkpoint in --out-dir if there is one'
+        '--resume',
+        action='store_true',
+        help='continue from the checkpoint in --out-dir if there is one (weights, optimizer state, '
+        "step count, data streams); this call's --steps, --lr and --weight-decay apply from there on",
     )
     t.add_argument('--no-progress', action='store_true', help='no progress bar')
     t.set_defaults(func=_train)

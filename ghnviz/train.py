@@ -413,6 +413,13 @@ class _Parts:
         save_checkpoint(Path(self.cfg.out_dir), self.ghn, self.cfg, self.step, info, state)
         log.info('step %d: checkpoint saved to %s', self.step, self.cfg.out_dir)
 
+    def _position_schedule(self) -> None:
+        """Set the learning rate to this run's ``lr`` times its schedule at the current step."""
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            self.scheduler.last_epoch = self.step - 1
+            self.scheduler.step()
+
     def init_from(self, path_or_name: str) -> None:
         """Start from another run's GHN weights, continuing its step count and time (fresh optimizer)."""
         from ghnviz.hyper.io import load_ghn, resolve_checkpoint
@@ -432,11 +439,8 @@ class _Parts:
         card = json.loads(card_path.read_text()) if card_path.is_file() else {}
         self.step = int(card.get('step', 0))
         self.elapsed = float(card.get('elapsed_s', card.get('wall_time_s', 0.0)))
-        if self.step:  # put the schedule where this step count has it
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore')
-                self.scheduler.last_epoch = self.step - 1
-                self.scheduler.step()
+        if self.step:
+            self._position_schedule()
         log.info('starting from the weights of %s at step %d (fresh optimizer state)', path, self.step)
 
     def resume(self) -> bool:
@@ -458,6 +462,12 @@ class _Parts:
             float(state['elapsed_s']),
             int(state['failures']),
         )
+        # the loaded states carry the old run's lr and weight decay: this run's settings apply from here on
+        for group in self.optimizer.param_groups:
+            group['initial_lr'] = self.cfg.lr
+            group['weight_decay'] = self.cfg.weight_decay
+        self.scheduler.base_lrs = [self.cfg.lr] * len(self.optimizer.param_groups)
+        self._position_schedule()
         if len(state['ranks']) == self.world:
             mine = state['ranks'][self.rank]
             self.sampler.load_state_dict(mine['sampler'])

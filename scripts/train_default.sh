@@ -9,11 +9,14 @@
 # STEPS=3500 LR=5e-4 (a warm restart of the cosine schedule), at steps 1201 and 1265 with
 # STEPS=3000 and STEPS=2600 (to fit the time available), and at steps 2248 and 2322 with STEPS=3400 and
 # STEPS=4000 (more time than estimated was left), stopped at step 3778 and shipped. The schedule is
-# recomputed from the current --steps and --lr at every resume. A later session, without the local
+# recomputed from the current --steps at every resume. A later session, without the local
 # resume state, continued from the shipped weights with INIT=default STEPS=6300 LR=7e-4 (fresh Adam
 # state; the step count, the cosine position and the learning curve carry on; docs/ghn_default_training.csv
 # was copied to $OUT/metrics.csv first so the curve stays whole), and resumed at step 4276 with
-# STEPS=7300 LR=7e-4 (more time was left than the first estimate).
+# STEPS=7300 LR=7e-4 (more time was left than the first estimate); step 7300 was shipped. It was then
+# resumed with STEPS=9900 LR=1.5e-3 by code in which a resume kept the checkpoint's base lr (7e-4), so the
+# lr went on from 1.1e-4 down the longer cosine; a resume now applies the new --lr. The same held before
+# step 3778: the first run's lr of 1e-3 stayed in force through those resumes (LR=5e-4 was not applied).
 #
 # Run it again to resume: it continues from the last checkpoint in $OUT (step count, optimizer,
 # schedule, random streams). Checkpoints are written every 3 minutes. Two processes with one thread

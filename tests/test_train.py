@@ -98,6 +98,20 @@ def test_init_from_continues_weights_and_step_count(tmp_path):
         tr.train(tiny_config(tmp_path / 'd', steps=3, hid=8, init_from=str(src)))
 
 
+def test_resume_applies_the_new_lr_and_steps(tmp_path):
+    """Resuming with another --lr/--steps: the schedule is recomputed with them at the resumed step."""
+    first = tiny_config(tmp_path, steps=2, scheduler='cosine', lr=1e-3, weight_decay=0.0)
+    tr.train(first)
+    again = dataclasses.replace(first, steps=5, lr=4e-3, weight_decay=1e-4)
+    tr.train(again, resume=True)
+    rows = read_csv(tmp_path / 'run' / tr.METRICS)
+    assert [int(r['step']) for r in rows] == [1, 2, 3, 4, 5]
+    expected = [4e-3 * tr.SCHEDULERS['cosine'](again)(s) for s in (2, 3, 4)]
+    assert [float(r['lr']) for r in rows[2:]] == pytest.approx(expected)
+    state = torch.load(tmp_path / 'run' / tr.STATE, weights_only=True)
+    assert all(g['weight_decay'] == 1e-4 for g in state['optimizer']['param_groups'])
+
+
 def test_resume_refuses_another_ghn(tmp_path):
     cfg = tiny_config(tmp_path, steps=1)
     tr.train(cfg)
