@@ -13,9 +13,10 @@
 # resume state, continued from the shipped weights with INIT=default STEPS=6300 LR=7e-4 (fresh Adam
 # state; the step count, the cosine position and the learning curve carry on; docs/ghn_default_training.csv
 # was copied to $OUT/metrics.csv first so the curve stays whole), and resumed at step 4276 with
-# STEPS=7300 LR=7e-4 (more time was left than the first estimate); step 7300 was shipped. It was then
+# STEPS=7300 LR=7e-4 (more time was left than the first estimate); step 7300 was shipped for a while. It was then
 # resumed with STEPS=9900 LR=1.5e-3 by code in which a resume kept the checkpoint's base lr (7e-4), so the
-# lr went on from 1.1e-4 down the longer cosine; a resume now applies the new --lr. The same held before
+# lr went on from 1.1e-4 down the longer cosine (about 4e-7 at the end); it was stopped at step 9755,
+# which is shipped. A resume now applies the new --lr. The same held before
 # step 3778: the first run's lr of 1e-3 stayed in force through those resumes (LR=5e-4 was not applied).
 #
 # Run it again to resume: it continues from the last checkpoint in $OUT (step count, optimizer,
