@@ -15,7 +15,9 @@ Where the time goes and what avoids it:
 * ops whose parameters have no graph node (they do not reach the output, e.g. cell nodes left out of the
   concatenation) are pruned from the cached network, so they are not computed at all;
 * meta-batches over a node budget are dropped (as the reference sampler does), bounding GHN memory;
-* optional bf16 autocast and channels-last images for the networks (on CPUs with bf16 instructions too).
+* optional bf16 autocast and channels-last images for the networks; ``amp='auto'`` takes bf16 only where
+  it is fast (CUDA with bf16, CPUs with AVX512-BF16 or AMX): elsewhere on CPU, bf16 runs in emulation,
+  several times slower than fp32 (``benchmarks/bench_train.py --amp bf16`` measures it).
 
 Checkpoints (``out_dir``): ``ghn.safetensors`` (:func:`ghnviz.save_ghn` format), ``ghn.json`` (training
 config, step, metrics), ``train_state.pt`` (optimizer, scheduler, scaler, RNG and sampler states; plain
@@ -113,7 +115,7 @@ class TrainConfig:
     warmup_lr: float = 1e-5  # cosine schedule: learning rate at step 0
     grad_clip: float = 5.0  # gradient-norm clipping (reference: 5)
     label_smoothing: float = 0.0  # reference: 0 on CIFAR-10, 0.1 on ImageNet
-    amp: str = 'none'  # mixed precision of the networks' forward: 'none', 'bf16' (CPU or CUDA), 'fp16' (CUDA)
+    amp: str = 'none'  # networks' forward precision: 'none', 'bf16', 'fp16' (CUDA), 'auto' (bf16 where fast)
     channels_last: bool = False  # images in channels-last layout (faster convolutions on some hardware)
     # ---- run
     device: str = 'auto'  # 'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...
@@ -133,8 +135,8 @@ class TrainConfig:
             raise ValueError(f'unknown optimizer {self.optimizer!r}; valid: {sorted(OPTIMIZERS)}')
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f'unknown scheduler {self.scheduler!r}; valid: {sorted(SCHEDULERS)}')
-        if self.amp not in AMP_DTYPES:
-            raise ValueError(f'unknown amp {self.amp!r}; valid: {sorted(AMP_DTYPES)}')
+        if self.amp not in AMP_DTYPES and self.amp != 'auto':
+            raise ValueError(f'unknown amp {self.amp!r}; valid: {sorted(AMP_DTYPES) + ["auto"]}')
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -149,6 +151,40 @@ class TrainConfig:
 
 OPTIMIZERS = {'adam': torch.optim.Adam, 'adamw': torch.optim.AdamW}
 AMP_DTYPES: dict[str, torch.dtype | None] = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere torch emulates it, slowly."""
+    for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):
+        check = getattr(torch.cpu, name, None)
+        if check is not None and check():
+            return True
+    return False
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """The precision a run uses on ``device``: 'auto' becomes 'bf16' where bf16 is fast, else 'none'.
+
+    An explicit 'bf16' on a CPU without native bf16 is kept, with a warning (it runs, only slower).
+
+    Raises:
+        ValueError: 'fp16' off CUDA.
+    """
+    if amp == 'auto':
+        if device.type == 'cuda':
+            return 'bf16' if torch.cuda.is_bf16_supported() else 'none'
+        return 'bf16' if device.type == 'cpu' and cpu_has_native_bf16() else 'none'
+    if amp == 'fp16' and device.type != 'cuda':
+        raise ValueError('amp=fp16 needs CUDA; use amp=bf16 on CPU')
+    if amp == 'bf16' and device.type == 'cpu' and not cpu_has_native_bf16():
+        log.warning(
+            'amp=bf16 on a CPU without bf16 instructions (capability %s, no AVX512-BF16 or AMX): torch '
+            'emulates bf16 here, several times slower than fp32; use amp=none or amp=auto',
+            torch.backends.cpu.get_cpu_capability(),
+        )
+    return amp
+
+
 # Settings whose change makes a checkpoint's weights or optimizer state meaningless for a resumed run.
 MODEL_FIELDS = (
     'arch',
@@ -488,8 +524,10 @@ def _setup(cfg: TrainConfig) -> _Parts:
     rank, world, owns_group = _init_distributed(device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    if AMP_DTYPES[cfg.amp] == torch.float16 and device.type != 'cuda':
-        raise ValueError('amp=fp16 needs CUDA; use amp=bf16 on CPU')
+    amp = resolve_amp(cfg.amp, device)
+    if amp != cfg.amp:
+        log.info('amp=%s: using %s on %s', cfg.amp, amp, device)
+        cfg = dataclasses.replace(cfg, amp=amp)  # the run (and its card) records what it used
     torch.manual_seed(cfg.seed * 1000 + rank)  # the global generator only drives dropout inside the networks
     images = ImageStream(cfg, device, seed=cfg.seed * 1000 + rank)
     ghn = build_ghn(cfg, images.num_classes).to(device).train()
@@ -528,6 +566,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = False) -> dic
         RuntimeError: ``max_failures`` consecutive steps failed (non-finite loss or gradients, out of memory).
     """
     run = _setup(cfg)
+    cfg = run.cfg  # with amp resolved
     resumed = run.resume() if resume else False
     if not resumed and cfg.init_from:
         run.init_from(cfg.init_from)

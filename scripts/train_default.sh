@@ -18,6 +18,8 @@
 # lr went on from 1.1e-4 down the longer cosine (about 4e-7 at the end); it was stopped at step 9755,
 # which is shipped. A resume now applies the new --lr. The same held before
 # step 3778: the first run's lr of 1e-3 stayed in force through those resumes (LR=5e-4 was not applied).
+# All 9755 steps ran with bf16 autocast on a CPU with bf16 instructions. --amp auto keeps bf16 there and
+# uses fp32 on CPUs without them (AVX2 only), where emulated bf16 is about 5x slower than fp32.
 #
 # Run it again to resume: it continues from the last checkpoint in $OUT (step count, optimizer,
 # schedule, random streams). Checkpoints are written every 3 minutes. Two processes with one thread
@@ -41,6 +43,6 @@ exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -
   --arch ghn2 --hid 32 --max-shape 64,64,11,11 \
   --meta-batch $((8 / NPROC)) --batch-size 32 --max-width 32 --max-nodes $((2200 / NPROC)) \
   --arch-pool 1500 --cache-size 1500 --no-resample-width \
-  --amp bf16 --channels-last --threads 1 \
+  --amp auto --channels-last --threads 1 \
   --optimizer adam --lr "$LR" --weight-decay 1e-5 --scheduler cosine --warmup-steps 50 --warmup-lr 1e-4 \
   --steps "$STEPS" --save-every-s 180 --log-every 25 --seed 0 ${INIT:+--init-from "$INIT"}

@@ -119,6 +119,36 @@ def test_resume_refuses_another_ghn(tmp_path):
         tr.train(dataclasses.replace(cfg, hid=8, steps=2), resume=True)
 
 
+@pytest.mark.parametrize('native', [True, False])
+def test_amp_auto_takes_bf16_only_on_cpus_that_compute_it(tmp_path, monkeypatch, caplog, native):
+    """amp='auto': bf16 autocast where the CPU has bf16 instructions, fp32 elsewhere; the card says which."""
+    seen = []
+    real = tr.meta_batch_loss
+
+    def spy(*args, **kwargs):
+        seen.append(args[5])  # the autocast dtype
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tr, 'meta_batch_loss', spy)
+    monkeypatch.setattr(tr, 'cpu_has_native_bf16', lambda: native)
+    tr.train(tiny_config(tmp_path, steps=1, amp='auto', device='cpu'))
+    assert seen == [torch.bfloat16 if native else None]
+    assert tr.load_card(tmp_path / 'run')['train_config']['amp'] == ('bf16' if native else 'none')
+    # an explicit bf16 is kept, with a warning where it would be emulated
+    caplog.clear()
+    assert tr.resolve_amp('bf16', torch.device('cpu')) == 'bf16'
+    assert ('amp=none or amp=auto' in caplog.text) is not native
+    with pytest.raises(ValueError, match='fp16 needs CUDA'):
+        tr.resolve_amp('fp16', torch.device('cpu'))
+    with pytest.raises(ValueError, match="'auto'"):
+        tr.TrainConfig(amp='fp8')
+
+
+def test_cpu_bf16_detection_matches_torch():
+    want = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert tr.cpu_has_native_bf16() is bool(want)
+
+
 def test_nan_guard_skips_the_step(tmp_path, monkeypatch, caplog):
     real = tr.meta_batch_loss
     calls = {'n': 0}
