@@ -47,12 +47,19 @@ def main() -> None:
     p.add_argument('--max-width', type=int, default=0, help='cap C (0: widths as in the reference, 32-128)')
     p.add_argument('--amp', default='none', choices=('none', 'bf16'))
     p.add_argument('--channels-last', action='store_true')
+    p.add_argument(
+        '--reference-kernels',
+        action='store_true',
+        help='run dilated convolutions and attention as the reference writes them (ghnviz train uses the '
+        'faster equivalents of ghnviz.fastops)',
+    )
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: default)')
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--steps', type=int, default=10)
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args()
 
+    from ghnviz.fastops import fast_kernels
     from ghnviz.train import ArchSampler, MetaBatchPredictor, TrainConfig, _try_step, build_ghn
 
     if args.threads > 0:
@@ -87,7 +94,8 @@ def main() -> None:
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         t0, c0 = time.perf_counter(), time.process_time()
-        ok, loss, _, archs = _try_step(cfg, predictor, sampler, optimizer, scaler, x, y, 1)
+        with fast_kernels(not args.reference_kernels):
+            ok, loss, _, archs = _try_step(cfg, predictor, sampler, optimizer, scaler, x, y, 1)
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
         n_nodes = sum(a.n_nodes for a in archs)
         if i >= args.warmup:
@@ -98,8 +106,10 @@ def main() -> None:
     med, med_cpu = statistics.median(times), statistics.median(cpu)
     print(
         f'{args.mode} {args.arch} hid={args.hid} m={args.meta_batch} batch={args.batch_size} amp={args.amp} '
-        f'channels_last={args.channels_last} threads={torch.get_num_threads()}: '
-        f'median {med:.2f} s per meta-batch ({med_cpu:.2f} s CPU time), {args.meta_batch / med:.2f} archs/s '
+        f'channels_last={args.channels_last} kernels={"reference" if args.reference_kernels else "fast"} '
+        f'threads={torch.get_num_threads()}: '
+        f'median {med:.2f} s per meta-batch ({med_cpu:.2f} s CPU time; mean {statistics.mean(times):.2f} s, '
+        f'{statistics.mean(cpu):.2f} s CPU), {args.meta_batch / med:.2f} archs/s '
         f'({args.meta_batch / med_cpu:.2f} per CPU second; mean nodes {statistics.mean(nodes):.0f})'
     )
 

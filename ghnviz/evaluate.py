@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ghnviz.fastops import fast_kernels
+
 log = logging.getLogger(__name__)
 
 
@@ -79,6 +81,7 @@ def evaluate_model(ghn, model: nn.Module, batches, name: str = '') -> dict[str, 
     }
 
 
+@fast_kernels()
 def evaluate_ghn(
     ghn: Any,
     split: str = 'test',

@@ -374,10 +374,13 @@ def finetune(
     result = FinetuneResult(
         status='running', steps=0, metrics={}, history=[], init={}, seconds=0.0, run_id=run_id
     )
+    from ghnviz.fastops import fast_kernels  # imports torch: only when a run starts
+
     if store is None:
-        _run(cfg, None, None, progress, result)
+        with fast_kernels():
+            _run(cfg, None, None, progress, result)
         return result
-    with store.track(run_id) as tracking:
+    with store.track(run_id) as tracking, fast_kernels():
         _run(cfg, store, run_id, progress, result, tracking)
     result.status = tracking.status
     return result

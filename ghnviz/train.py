@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ghnviz.fastops import fast_kernels
 from ghnviz.train_archs import (
     ArchBatch,
     ArchSampler,
@@ -547,6 +548,7 @@ def _setup(cfg: TrainConfig) -> _Parts:
     )
 
 
+@fast_kernels()
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = False) -> dict:
     """Train a GHN; checkpoints go to ``cfg.out_dir``.
 

@@ -44,6 +44,7 @@ import torch.nn as nn
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import dijkstra
 
+from ..fastops import reference_kernels
 from . import passes
 from .core import ComputationGraph, Node
 from .ops_table import module_rule, op_primitive
@@ -92,7 +93,7 @@ def _norm_state(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _forward(model: nn.Module, x: torch.Tensor | None, shape_only: bool, device: torch.device):
     """One forward pass with autograd on (``x`` None: ``model.get_var()``), global RNG untouched."""
     cuda = [device.index or 0] if device.type == 'cuda' else []  # the CPU generator is always restored
-    with torch.random.fork_rng(devices=cuda), torch.enable_grad():
+    with torch.random.fork_rng(devices=cuda), torch.enable_grad(), reference_kernels():
         with ShapeOnly() if shape_only else contextlib.nullcontext():
             return model.get_var() if x is None else model(x)
 

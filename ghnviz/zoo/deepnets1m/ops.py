@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from ...fastops import attention, dilated_conv2d, fast_kernels_enabled
+
 _KERNEL_TOKEN = re.compile(r'^(\d+)x(\d+)$')
 
 
@@ -91,6 +93,11 @@ class DilConv(nn.Module):
         )
 
     def forward(self, x):
+        relu, dw, pw, norm = self.op
+        if dw.weight is not None and fast_kernels_enabled():
+            y = dilated_conv2d(relu(x), dw.weight, dw.stride, dw.padding, dw.dilation, dw.groups)
+            if y is not None:
+                return norm(pw(y))
         return self.op(x)
 
 
@@ -246,9 +253,7 @@ class Transformer(nn.Module):
         residual = x
         x = self.ln1(x)
         q, k, v = map(self._split_heads, self.to_qkv(x).chunk(3, dim=-1))  # 3 x (B, h, N, d)
-        dots = torch.einsum('bhid,bhjd->bhij', q, k) * self.scale  # (B, h, N, N)
-        attn = dots.softmax(dim=-1)
-        out = torch.einsum('bhij,bhjd->bhid', attn, v)  # (B, h, N, d)
+        out = attention(q, k, v, self.scale)  # (B, h, N, d)
         b, h, n, d = out.shape
         out = out.permute(0, 2, 1, 3).reshape(b, n, h * d)  # (B, N, h*d)
         out = self.to_out(out) + residual
