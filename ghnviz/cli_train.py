@@ -97,7 +97,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument(
         '--baselines',
         default='resnet18,resnet50',
-        help='torchvision models adapted to 32x32 also evaluated (comma-separated; "" for none)',
+        help='torchvision models adapted to 32x32 also evaluated (comma-separated; "" or none for none)',
     )
     e.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'auto' (default: cpu)")
     e.add_argument('--threads', type=int, default=0, help='torch CPU threads (0 = default)')
@@ -133,7 +133,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    baselines = tuple(b for b in args.baselines.split(',') if b)
+    listed = '' if args.baselines.strip().lower() == 'none' else args.baselines
+    baselines = tuple(b.strip() for b in listed.split(',') if b.strip())
     result = evaluate_ghn(
         args.ghn,
         split=args.split,

@@ -115,11 +115,16 @@ def evaluate_ghn(
     Returns:
         ``mean_top1`` (percent, over the split's architectures), ``std_top1``, ``median_top1``, ``n``,
         ``results`` (one dict per architecture), ``baselines`` (name -> result) and the settings used.
+
+    Raises:
+        ValueError: an unknown baseline name (checked before anything is evaluated).
     """
     from ghnviz.hyper.io import load_ghn
     from ghnviz.zoo.adapt import adapt_to_small_images
-    from ghnviz.zoo.factory import create_model
+    from ghnviz.zoo.factory import check_model_name, create_model
 
+    for b in baselines:  # before any work: a typo should not cost an evaluation
+        check_model_name(b)
     label = str(ghn) if not isinstance(ghn, nn.Module) else type(ghn).__name__
     if not isinstance(ghn, nn.Module):
         ghn = load_ghn(ghn, device=device)

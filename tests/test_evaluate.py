@@ -55,3 +55,26 @@ def test_library_is_deterministic_and_uses_batch_statistics(tiny_ghn_file):
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(m.training and not m.track_running_stats for m in bns)
     assert not model.training and res['top1'] == a['results'][0]['top1']
+
+
+def test_unknown_baseline_fails_before_any_work(tiny_ghn_file, tmp_path, capsys):
+    from ghnviz.cli import main
+
+    missing = tmp_path / 'no-such-archive.tar.xz'  # reading it would fail with another message
+    with pytest.raises(ValueError, match="unknown model 'resnet19'.*Close matches: resnet18"):
+        ev.evaluate_ghn(tiny_ghn_file, n=1, data_path=missing, baselines=('resnet19',))
+    argv = ['evaluate', '--ghn', str(tiny_ghn_file), '--n', '1', '--data-path', str(missing), '--no-progress']
+    assert main(argv + ['--baselines', 'resnet18,resnet19']) == 2
+    assert "unknown model 'resnet19'" in capsys.readouterr().err
+
+
+def test_cli_baselines_none_evaluates_no_baseline(tiny_ghn_file, tmp_path):
+    from ghnviz.cli import main
+
+    data = shared_file('data', 'cifar10-jpeg.tar.xz')
+    out = tmp_path / 'eval.json'
+    argv = ['evaluate', '--ghn', str(tiny_ghn_file), '--n', '1', '--data-path', str(data), '--json', str(out)]
+    argv += ['--batch-size', '10', '--limit-per-class', '2', '--baselines', 'none', '--no-progress']
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result['baselines'] == {} and result['n'] == 1

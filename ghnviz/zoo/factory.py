@@ -88,6 +88,17 @@ def _unknown(name: str) -> ValueError:
     )
 
 
+def check_model_name(name: str) -> None:
+    """Raise the ``ValueError`` :func:`create_model` would raise for an unknown name, building nothing."""
+    if name.startswith(DEEPNETS_PREFIX):
+        rest = name[len(DEEPNETS_PREFIX) :]
+        if rest in GENOTYPES or _parse_split_name(rest) is not None:
+            return
+    elif name.removeprefix(TORCHVISION_PREFIX) in torchvision_names():
+        return
+    raise _unknown(name)
+
+
 def create_model(name: str | ArchSpec, num_classes: int = 1000, **kwargs: Any) -> nn.Module:
     """Build a model by name, with freshly initialised (random) parameters.
 
