@@ -76,6 +76,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help='continue from the checkpoint in --out-dir if there is one (weights, optimizer state, '
         "step count, data streams); this call's --steps, --lr and --weight-decay apply from there on",
     )
+    t.add_argument(
+        '--max-minutes',
+        type=float,
+        default=None,
+        help='stop after this many minutes of this call, with a checkpoint (--resume continues); '
+        'touching OUT_DIR/STOP does the same at any time',
+    )
     t.add_argument('--no-progress', action='store_true', help='no progress bar')
     t.set_defaults(func=_train)
 
@@ -120,7 +127,10 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**values)
     if int(os.environ.get('RANK', '0')) == 0:
         logging.getLogger('ghnviz').setLevel(logging.INFO)
-    summary = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise ValueError(f'--max-minutes must be positive, got {args.max_minutes}')
+    max_seconds = None if args.max_minutes is None else 60.0 * args.max_minutes
+    summary = train(cfg, resume=args.resume, progress=not args.no_progress, max_seconds=max_seconds)
     if int(os.environ.get('RANK', '0')) == 0:
         print(json.dumps(summary, indent=1))
     return 0

@@ -17,7 +17,13 @@ Where the time goes and what avoids it:
 * meta-batches over a node budget are dropped (as the reference sampler does), bounding GHN memory;
 * optional bf16 autocast and channels-last images for the networks; ``amp='auto'`` takes bf16 only where
   it is fast (CUDA with bf16, CPUs with AVX512-BF16 or AMX): elsewhere on CPU, bf16 runs in emulation,
-  several times slower than fp32 (``benchmarks/bench_train.py --amp bf16`` measures it).
+  several times slower than fp32 (``benchmarks/bench_train.py --amp bf16`` measures it);
+* dilated convolutions and attention run through the faster equivalent kernels of :mod:`ghnviz.fastops`.
+
+Stopping early without losing work: ``max_seconds`` (``--max-minutes``) or a file named ``STOP`` in
+``out_dir`` (``touch OUT/STOP``) ends the run at the next step with a checkpoint; all ranks stop at the
+same step. The file is removed (one older than the call is ignored), and ``--resume`` continues from
+there.
 
 Checkpoints (``out_dir``): ``ghn.safetensors`` (:func:`ghnviz.save_ghn` format), ``ghn.json`` (training
 config, step, metrics), ``train_state.pt`` (optimizer, scheduler, scaler, RNG and sampler states; plain
@@ -74,6 +80,7 @@ CHECKPOINT = 'ghn.safetensors'
 CARD = 'ghn.json'
 STATE = 'train_state.pt'
 METRICS = 'metrics.csv'
+STOP_FILE = 'STOP'
 METRIC_FIELDS = ('step', 'loss', 'acc', 'lr', 'seconds', 'archs_per_s', 'nodes', 'failures', 'elapsed_s')
 
 
@@ -549,7 +556,9 @@ def _setup(cfg: TrainConfig) -> _Parts:
 
 
 @fast_kernels()
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = False) -> dict:
+def train(
+    cfg: TrainConfig, resume: bool = False, progress: bool = False, max_seconds: float | None = None
+) -> dict:
     """Train a GHN; checkpoints go to ``cfg.out_dir``.
 
     Launched by ``torchrun`` (``WORLD_SIZE > 1``), every process trains one DDP replica: gloo on CPU,
@@ -560,9 +569,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = False) -> dic
         resume: continue from the checkpoint in ``cfg.out_dir`` (step count, GHN, optimizer, scheduler,
             scaler, RNG and sampler states); starts afresh when there is none.
         progress: show a tqdm progress bar (rank 0 only).
+        max_seconds: stop, with a checkpoint, once this call has run this long (``STOP`` in ``out_dir``
+            stops it the same way); the schedule still spans ``cfg.steps``.
 
     Returns:
-        Summary: steps, last metrics, training seconds, failed steps, world size, checkpoint path.
+        Summary: steps, last metrics, training seconds, failed steps, world size, checkpoint path, and
+        ``stopped`` (None, or why the run ended before ``cfg.steps``: ``'time limit'``, ``'STOP file'``).
 
     Raises:
         RuntimeError: ``max_failures`` consecutive steps failed (non-finite loss or gradients, out of memory).
@@ -598,7 +610,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = False) -> dic
             bar.mininterval = 1.0 if sys.stderr.isatty() else 30.0
     last: dict = {}
     window: list[dict] = []
-    last_save, consecutive = time.perf_counter(), 0
+    started = last_save = time.perf_counter()
+    consecutive, stopped = 0, None
+    stop_file = out_dir / STOP_FILE
+    called_at = time.time()  # a STOP file older than this call is left over from an earlier one
     completed = False
     try:
         while run.step < cfg.steps:
@@ -635,14 +650,28 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = False) -> dic
                 _log_window(run, window)
                 window.clear()
                 metrics.flush()
-            due = torch.tensor(
-                [float(time.perf_counter() - last_save >= cfg.save_every_s)], dtype=torch.float64
+            now = time.perf_counter()
+            flags = torch.tensor(  # [checkpoint due, time limit reached, stop file seen], agreed by all ranks
+                [
+                    float(now - last_save >= cfg.save_every_s),
+                    float(max_seconds is not None and now - started >= max_seconds),
+                    float(_stop_requested(stop_file, called_at)),
+                ],
+                dtype=torch.float64,
             )
-            if run.step == cfg.steps or _all_reduce(due, run.world).item() > 0:
+            due, out_of_time, asked = (_all_reduce(flags, run.world) > 0).tolist()
+            if out_of_time or asked:
+                stopped = 'time limit' if out_of_time else 'STOP file'
+            if run.step == cfg.steps or due or stopped:
                 if metrics is not None:
                     metrics.flush()  # the CSV never lags behind a checkpoint
                 run.save(last)
                 last_save = time.perf_counter()
+            if stopped:
+                if run.rank == 0:
+                    stop_file.unlink(missing_ok=True)
+                    log.info('stopped at step %d (%s); --resume goes on from %s', run.step, stopped, out_dir)
+                break
         completed = True
     finally:
         if bar is not None:
@@ -659,8 +688,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = False) -> dic
         'failures': run.failures,
         'world_size': run.world,
         'checkpoint': str(out_dir / CHECKPOINT),
+        'stopped': stopped,
         'cache': {'hits': run.sampler.hits, 'misses': run.sampler.misses, 'dropped': run.sampler.dropped},
     }
+
+
+def _stop_requested(stop_file: Path, since: float) -> bool:
+    try:
+        return stop_file.stat().st_mtime >= since - 1.0
+    except OSError:  # absent (or removed by rank 0 meanwhile)
+        return False
 
 
 def _step_metrics(

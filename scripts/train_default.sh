@@ -22,7 +22,8 @@
 # uses fp32 on CPUs without them (AVX2 only), where emulated bf16 is about 5x slower than fp32.
 #
 # Run it again to resume: it continues from the last checkpoint in $OUT (step count, optimizer,
-# schedule, random streams). Checkpoints are written every 3 minutes. Two processes with one thread
+# schedule, random streams). Checkpoints are written every 3 minutes; MAX_MINUTES=N (or `touch $OUT/STOP`)
+# stops the run with a checkpoint. Two processes with one thread
 # each (torchrun + DDP over gloo) share the 8 architectures of every step.
 #
 #   DATA=path/to/cifar10-jpeg.tar.xz OUT=runs/ghn_default scripts/train_default.sh
@@ -36,6 +37,7 @@ NPROC=${NPROC:-2}
 STEPS=${STEPS:-4000}
 LR=${LR:-5e-4}
 INIT=${INIT:-}  # weights to start a new run from (file or 'default'); ignored when $OUT holds a checkpoint
+MAX_MINUTES=${MAX_MINUTES:-}  # stop (with a checkpoint) after this many minutes
 export OMP_NUM_THREADS=1
 
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m ghnviz train \
@@ -45,4 +47,4 @@ exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -
   --arch-pool 1500 --cache-size 1500 --no-resample-width \
   --amp auto --channels-last --threads 1 \
   --optimizer adam --lr "$LR" --weight-decay 1e-5 --scheduler cosine --warmup-steps 50 --warmup-lr 1e-4 \
-  --steps "$STEPS" --save-every-s 180 --log-every 25 --seed 0 ${INIT:+--init-from "$INIT"}
+  --steps "$STEPS" --save-every-s 180 --log-every 25 --seed 0 ${INIT:+--init-from "$INIT"} ${MAX_MINUTES:+--max-minutes "$MAX_MINUTES"}

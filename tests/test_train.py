@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -110,6 +111,30 @@ def test_resume_applies_the_new_lr_and_steps(tmp_path):
     assert [float(r['lr']) for r in rows[2:]] == pytest.approx(expected)
     state = torch.load(tmp_path / 'run' / tr.STATE, weights_only=True)
     assert all(g['weight_decay'] == 1e-4 for g in state['optimizer']['param_groups'])
+
+
+def test_time_limit_and_stop_file_end_the_run_with_a_checkpoint(tmp_path):
+    """max_seconds or a fresh OUT/STOP stop after the current step, save, and --resume carries on exactly."""
+    straight = tiny_config(tmp_path / 'a', steps=3)
+    tr.train(straight)
+
+    cfg = tiny_config(tmp_path / 'b', steps=3)
+    summary = tr.train(cfg, max_seconds=0.0)
+    out = tmp_path / 'b' / 'run'
+    assert summary['stopped'] == 'time limit' and summary['steps'] == 1
+    assert tr.load_card(out)['step'] == 1 and torch.load(out / tr.STATE, weights_only=True)['step'] == 1
+    (out / tr.STOP_FILE).touch()
+    summary = tr.train(cfg, resume=True)
+    assert summary['stopped'] == 'STOP file' and summary['steps'] == 2
+    assert not (out / tr.STOP_FILE).exists() and tr.load_card(out)['step'] == 2
+    stale = out / tr.STOP_FILE
+    stale.touch()
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))  # left over from an earlier call: ignored
+    summary = tr.train(cfg, resume=True)
+    assert summary['stopped'] is None and summary['steps'] == 3
+    assert [int(r['step']) for r in read_csv(out / tr.METRICS)] == [1, 2, 3]
+    a, b = (ghnviz.load_ghn(p / 'run' / tr.CHECKPOINT).state_dict() for p in (tmp_path / 'a', tmp_path / 'b'))
+    assert all(torch.equal(a[k], b[k]) for k in a), 'stopping and resuming must not change the run'
 
 
 def test_resume_refuses_another_ghn(tmp_path):
@@ -284,3 +309,11 @@ def test_cli_lists_every_config_field():
     )
     helps = {a.dest: a.help for a in parser._subparsers._group_actions[0].choices['train']._actions}
     assert 'reference' in helps['max_nodes'] and '2200' in helps['max_nodes']
+
+
+def test_cli_max_minutes_must_be_positive(tmp_path, capsys):
+    from ghnviz.cli import main
+
+    assert main(['train', '--out-dir', str(tmp_path / 'run'), '--max-minutes', '0', '--no-progress']) == 2
+    assert '--max-minutes must be positive' in capsys.readouterr().err
+    assert not (tmp_path / 'run').exists()
