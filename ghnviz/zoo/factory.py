@@ -88,15 +88,23 @@ def _unknown(name: str) -> ValueError:
     )
 
 
-def check_model_name(name: str) -> None:
-    """Raise the ``ValueError`` :func:`create_model` would raise for an unknown name, building nothing."""
+def _resolve_name(name: str) -> tuple[str, Any]:
+    """``('genotype', name)``, ``('split', (split, index))`` or ``('torchvision', name)``; ValueError else."""
     if name.startswith(DEEPNETS_PREFIX):
         rest = name[len(DEEPNETS_PREFIX) :]
-        if rest in GENOTYPES or _parse_split_name(rest) is not None:
-            return
+        if rest in GENOTYPES:
+            return 'genotype', rest
+        parsed = _parse_split_name(rest)
+        if parsed is not None:
+            return 'split', parsed
     elif name.removeprefix(TORCHVISION_PREFIX) in torchvision_names():
-        return
+        return 'torchvision', name.removeprefix(TORCHVISION_PREFIX)
     raise _unknown(name)
+
+
+def check_model_name(name: str) -> None:
+    """Raise the ``ValueError`` :func:`create_model` would raise for an unknown name, building nothing."""
+    _resolve_name(name)
 
 
 def create_model(name: str | ArchSpec, num_classes: int = 1000, **kwargs: Any) -> nn.Module:
@@ -116,19 +124,12 @@ def create_model(name: str | ArchSpec, num_classes: int = 1000, **kwargs: Any) -
         return name.build(num_classes=num_classes, **kwargs)
     if not isinstance(name, str):
         raise TypeError(f'expected a model name or an ArchSpec, got {type(name).__name__}')
-    if name.startswith(DEEPNETS_PREFIX):
-        rest = name[len(DEEPNETS_PREFIX) :]
-        if rest in GENOTYPES:
-            return _named_genotype(rest, num_classes, dict(kwargs))
-        parsed = _parse_split_name(rest)
-        if parsed is not None:
-            split, index = parsed
-            return sample_architecture(split, index).build(num_classes=num_classes, **kwargs)
-        raise _unknown(name)
-    tv_name = name[len(TORCHVISION_PREFIX) :] if name.startswith(TORCHVISION_PREFIX) else name
-    if tv_name in torchvision_names():
-        return torchvision_model(tv_name, num_classes=num_classes, **kwargs)
-    raise _unknown(name)
+    kind, resolved = _resolve_name(name)
+    if kind == 'genotype':
+        return _named_genotype(resolved, num_classes, dict(kwargs))
+    if kind == 'split':
+        return sample_architecture(*resolved).build(num_classes=num_classes, **kwargs)
+    return torchvision_model(resolved, num_classes=num_classes, **kwargs)
 
 
 def list_models(source: str | None = None) -> list[str]:
