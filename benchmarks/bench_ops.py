@@ -5,11 +5,13 @@ reduction; attention over every pixel with 8 heads). Prints the median over ``--
 warm-up, per op and shape, and the speed-up.
 
     python benchmarks/bench_ops.py --threads 1
+    python benchmarks/bench_ops.py --threads 1 --amp bf16   # as training runs with --amp bf16 on CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -17,14 +19,16 @@ import torch
 import torch.nn.functional as F
 
 
-def _time(fn, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+def _time(fn, reps: int, amp: str) -> float:
+    ctx = torch.autocast('cpu', dtype=torch.bfloat16) if amp == 'bf16' else contextlib.nullcontext()
+    with ctx:
+        for _ in range(2):
+            fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
@@ -34,6 +38,8 @@ def main() -> None:
     p.add_argument('--reps', type=int, default=7)
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--nchw', action='store_true', help='contiguous NCHW inputs (default: channels-last)')
+    p.add_argument('--amp', choices=('none', 'bf16'), default='none', help='run the ops under CPU autocast')
+    p.add_argument('--only', choices=('all', 'conv', 'msa'), default='all', help='which ops to time')
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from ghnviz.fastops import attention, dilated_conv2d, fast_kernels
@@ -53,6 +59,8 @@ def main() -> None:
 
                 def fast(x=x, w=w, stride=stride, pad=pad, c=c):
                     y = dilated_conv2d(x, w, stride, pad, 2, c)
+                    if y is None:  # a case the fast form declines: the caller runs the plain convolution
+                        y = F.conv2d(x, w, None, stride, pad, 2, c)
                     y.backward(torch.ones_like(y))
 
                 rows.append((f'dil_conv_{k}x{k} stride {stride}, C={c} {size}x{size}', ref, fast))
@@ -73,10 +81,13 @@ def main() -> None:
                 run()
 
         rows.append((f'msa, C={c} {size}x{size} ({n} tokens, 8 heads)', ref, fast))
-    print(f'threads={torch.get_num_threads()} batch={args.batch} {"NCHW" if args.nchw else "channels-last"}')
+    if args.only != 'all':
+        rows = [r for r in rows if r[0].startswith('dil_conv' if args.only == 'conv' else 'msa')]
+    layout = 'NCHW' if args.nchw else 'channels-last'
+    print(f'threads={torch.get_num_threads()} batch={args.batch} {layout} amp={args.amp}')
     print(f'{"op":<46} {"reference ms":>12} {"fast ms":>9} {"speed-up":>9}')
     for name, ref, fast in rows:
-        tr, tf = _time(ref, args.reps), _time(fast, args.reps)
+        tr, tf = _time(ref, args.reps, args.amp), _time(fast, args.reps, args.amp)
         print(f'{name:<46} {tr * 1e3:12.1f} {tf * 1e3:9.1f} {tr / tf:8.1f}x', flush=True)
 
 

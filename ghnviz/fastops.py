@@ -13,6 +13,12 @@ through cheaper kernels, with results equal up to float rounding:
 * :func:`attention`: ``torch.nn.functional.scaled_dot_product_attention`` (one fused kernel forward
   and backward) instead of two einsums and a softmax.
 
+Under bf16 on CPU (``--amp bf16`` autocast, or bf16 tensors) the choice differs, because PyTorch's
+bf16 CPU kernels do not rank the same way as its fp32 ones (``benchmarks/bench_ops.py --amp bf16``):
+the fused attention runs in fp32 (its bf16 CPU kernel is several times slower than the einsums over
+the short sequences of most cells), and 5x5 dilated convolutions with stride 1 keep the plain
+convolution (the space-to-batch form gains nothing there in bf16, and loses on small maps).
+
 The training, evaluation and fine-tuning loops enter :func:`fast_kernels`; graph building always
 runs inside :func:`reference_kernels`. ``GHNVIZ_REFERENCE_KERNELS=1`` in the environment keeps the
 reference kernels everywhere (to compare the two).
@@ -58,6 +64,17 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def _low_precision_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The half-precision dtype ``x``'s CPU ops compute in (bf16/fp16 tensors or CPU autocast), else None."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return x.dtype
+    if torch.is_autocast_enabled('cpu'):
+        dtype = torch.get_autocast_dtype('cpu')
+        if dtype in (torch.bfloat16, torch.float16):
+            return dtype
+    return None
+
+
 def dilated_conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int):
     """``F.conv2d(x, weight, None, stride, padding, dilation, groups)`` without a dilated kernel.
 
@@ -71,6 +88,8 @@ def dilated_conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilat
     ph, pw = _pair(padding)
     if dh != dw or dh < 2 or sh != sw or sh not in (1, dh) or ph != pw:
         return None
+    if sh == 1 and max(weight.shape[-2:]) > 3 and _low_precision_dtype(x) is not None:
+        return None  # bf16 CPU kernels: no faster than the plain dilated convolution
     d, p = dh, ph
     n, c, h, w = x.shape
     kh, kw = weight.shape[-2:]
@@ -110,6 +129,13 @@ def dilated_conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilat
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` over (B, heads, N, d) tensors, fused when fast kernels are on."""
     if fast_kernels_enabled():
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        low = _low_precision_dtype(q) if q.device.type == 'cpu' else None
+        if low is None:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        # the fused CPU kernel is slow in bf16 over short sequences: run it in fp32, return the dtype
+        # the reference formulation would (the autocast dtype, or the inputs' dtype)
+        with torch.autocast('cpu', enabled=False):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale)
+        return y.to(low)
     dots = torch.einsum('bhid,bhjd->bhij', q, k) * scale  # (B, h, N, N)
     return torch.einsum('bhij,bhjd->bhid', dots.softmax(dim=-1), v)  # (B, h, N, d)

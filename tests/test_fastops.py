@@ -73,6 +73,43 @@ def test_attention_matches_einsum_softmax_forward_and_backward():
     assert ours.grad_fn.name() != ref.grad_fn.name()  # really a different kernel
 
 
+@pytest.mark.parametrize('mode', ['autocast', 'bf16 tensors'])
+def test_attention_in_bf16_runs_the_fused_kernel_in_fp32_and_returns_bf16(mode):
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if mode == 'bf16 tensors' else torch.float32
+    q, k, v = (torch.randn(2, 8, 17, 4, dtype=dtype, requires_grad=True) for _ in range(3))
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=mode == 'autocast'):
+        with reference_kernels():
+            ref = attention(q, k, v, 0.5)
+        with fast_kernels():
+            ours = attention(q, k, v, 0.5)
+    assert ref.dtype == ours.dtype == torch.bfloat16  # what the einsums give under bf16
+    exact = attention(q.double(), k.double(), v.double(), 0.5)
+    # computed in fp32, the fast result is closer to the exact one than bf16 rounding allows for
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ref.double(), exact, rtol=3e-2, atol=3e-2)
+    assert ours.grad_fn.name() == 'ToCopyBackward0'  # the cast back from the fp32 fused kernel
+    for a, b in zip(_grads(ours.float(), (q, k, v)), _grads(ref.float(), (q, k, v))):
+        assert a.dtype == b.dtype == dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize('mode', ['autocast', 'bf16 tensors'])
+def test_dilated_conv_in_bf16_keeps_the_plain_kernel_for_5x5_stride_1(mode):
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if mode == 'bf16 tensors' else torch.float32
+    x = torch.randn(2, 6, 16, 16, dtype=dtype)
+    w5, w3 = torch.randn(6, 1, 5, 5, dtype=dtype), torch.randn(6, 1, 3, 3, dtype=dtype)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=mode == 'autocast'):
+        assert dilated_conv2d(x, w5, 1, 4, 2, 6) is None
+        for w, stride, pad in ((w5, 2, 4), (w3, 1, 2), (w3, 2, 2)):  # still the fast form
+            ours = dilated_conv2d(x, w, stride, pad, 2, 6)
+            ref = F.conv2d(x, w, None, stride, pad, 2, 6)
+            assert ours is not None and ours.dtype == ref.dtype == torch.bfloat16
+            torch.testing.assert_close(ours.float(), ref.float(), rtol=2e-2, atol=5e-2)
+    assert dilated_conv2d(x.float(), w5.float(), 1, 4, 2, 6) is not None  # fp32: the fast form
+
+
 def test_fast_kernels_are_scoped():
     assert not fast_kernels_enabled()
     with fast_kernels():
