@@ -15,10 +15,15 @@
 # was copied to $OUT/metrics.csv first so the curve stays whole), and resumed at step 4276 with
 # STEPS=7300 LR=7e-4 (more time was left than the first estimate); step 7300 was shipped for a while. It was then
 # resumed with STEPS=9900 LR=1.5e-3 by code in which a resume kept the checkpoint's base lr (7e-4), so the
-# lr went on from 1.1e-4 down the longer cosine (about 4e-7 at the end); it was stopped at step 9755,
-# which is shipped. A resume now applies the new --lr. The same held before
+# lr went on from 1.1e-4 down the longer cosine (about 4e-7 at the end); it was stopped at step 9755.
+# A resume now applies the new --lr. From step 9755 a later session continued with INIT=default
+# STEPS=14300 LR=1.3e-3 (fresh Adam state; lr 3.0e-4 at step 9755), resumed at step 10083 with
+# GHNVIZ_REFERENCE_KERNELS=1 and at step 10102 without it (the fast kernels had been slower in bf16 until
+# they were fixed), and at step 10833 with STEPS=12200 LR=5.8e-3 (the same lr, 1.8e-4, at that step, on a
+# shorter cosine that ends at 0 within the time left); MAX_MINUTES stopped it at step 12010 (lr 3.5e-6),
+# which is shipped (mean top-1 34.4% on the first 100 test architectures, from 32.3% at step 9755). The same held before
 # step 3778: the first run's lr of 1e-3 stayed in force through those resumes (LR=5e-4 was not applied).
-# All 9755 steps ran with bf16 autocast on a CPU with bf16 instructions. --amp auto keeps bf16 there and
+# All 12010 steps ran with bf16 autocast on a CPU with bf16 instructions. --amp auto keeps bf16 there and
 # uses fp32 on CPUs without them (AVX2 only), where emulated bf16 is about 5x slower than fp32.
 #
 # Run it again to resume: it continues from the last checkpoint in $OUT (step count, optimizer,
